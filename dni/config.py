@@ -1,0 +1,351 @@
+"""The run configuration: dataclasses are the schema, YAML the values, CLI overrides win.
+
+Precedence is CLI ``section.key=value`` > YAML file > dataclass defaults. Every
+field is typed; unknown keys, wrong types and impossible values raise
+:class:`ConfigError` with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+METHODS = ("backprop", "dni", "cdni")
+MODEL_KINDS = ("fcn", "cnn")
+DATASETS = ("mnist", "cifar10", "idx")
+BACKENDS = ("local", "ray")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _check(value in choices, key, f"must be one of {', '.join(choices)} (got {value!r})")
+
+
+@dataclass
+class ModelConfig:
+    """The network and where it is cut into stages."""
+
+    kind: str = "fcn"
+    """``fcn``: ``depth`` hidden Linear-BN-ReLU layers then a Linear classifier (paper FCN-k);
+    ``cnn``: ``depth`` Conv5x5-BN-ReLU(-pool) layers then a Linear classifier (paper CNN-k)."""
+    depth: int = 3
+    """Number of hidden layers (the k of FCN-k / CNN-k); the classifier is one more layer."""
+    width: int = 256
+    """Units per hidden layer of an FCN."""
+    channels: int = 128
+    """Filters per conv layer of a CNN."""
+    boundaries: list[int] | None = None
+    """Layer indices where a new stage starts (strictly increasing, in 1..depth).
+    ``null`` decouples every layer, as in the paper: depth + 1 stages."""
+
+    def validate(self) -> None:
+        _one_of(self.kind, MODEL_KINDS, "model.kind")
+        _check(self.depth >= 1, "model.depth", f"must be >= 1 (got {self.depth})")
+        _check(self.width >= 1, "model.width", f"must be >= 1 (got {self.width})")
+        _check(self.channels >= 1, "model.channels", f"must be >= 1 (got {self.channels})")
+        if self.boundaries is not None:
+            layers = self.depth + 1
+            b = self.boundaries
+            _check(
+                all(0 < x < layers for x in b) and all(x < y for x, y in zip(b, b[1:])),
+                "model.boundaries",
+                f"must be strictly increasing layer indices in 1..{layers - 1} for a "
+                f"{self.kind.upper()}-{self.depth} ({layers} layers); got {b}. "
+                "Use null to decouple every layer",
+            )
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, and how much of train is held out."""
+
+    name: str = "mnist"
+    """``mnist``, ``cifar10`` or ``idx`` (any folder of standard-named idx files)."""
+    path: str = "data/mnist"
+    """Folder holding the data (created and filled by ``dni data mnist`` for MNIST)."""
+    val_size: int = 5000
+    """Training examples held out for validation (0: none)."""
+    download: bool = True
+    """Obtain the dataset on first use when it is missing."""
+
+    def validate(self) -> None:
+        _one_of(self.name, DATASETS, "data.name")
+        _check(self.val_size >= 0, "data.val_size", f"must be >= 0 (got {self.val_size})")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation budget and the network's optimiser."""
+
+    epochs: int = 20
+    """Passes over the training split."""
+    max_steps: int | None = None
+    """Stop after this many steps in total (overrides epochs when smaller)."""
+    batch_size: int = 256
+    lr: float = 1e-3
+    """Adam learning rate of the network's stages."""
+    schedule: str = "cosine"
+    """Learning-rate schedule of stages and synthesizers: constant, cosine (to 0) or step (/10 at 60% and 80%)."""
+    weight_decay: float = 0.0
+    eval_every: int = 1
+    """Evaluate on validation and test every this many epochs (the last epoch always)."""
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1 (got {self.epochs})")
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            "train.max_steps",
+            f"must be >= 1 or null (got {self.max_steps})",
+        )
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1 (got {self.batch_size})")
+        _check(self.lr > 0, "train.lr", f"must be > 0, e.g. 1e-3 (got {self.lr})")
+        _one_of(self.schedule, SCHEDULES, "train.schedule")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        _check(self.eval_every >= 1, "train.eval_every", f"must be >= 1 (got {self.eval_every})")
+
+
+@dataclass
+class SynthesizerConfig:
+    """The gradient synthesizers, one per stage output except the last (paper section 3)."""
+
+    hidden_layers: int | None = None
+    """Hidden layers: null picks the paper's choice (2 for dni, 0 = linear for cdni)."""
+    hidden_width: int = 1024
+    """Units (FCN) or filters (CNN) per hidden layer."""
+    batch_norm: bool = False
+    """BatchNorm after each hidden layer."""
+    lr: float = 1e-3
+    """Adam learning rate of the synthesizers (their own: targets are per-example gradients)."""
+    loss_weight: float = 1.0
+    """Weight of the L2 regression loss (paper: 1.0)."""
+    bp_lambda: float = 0.0
+    """BP(lambda): 0 = pure synthetic gradients (update-unlocked), 1 = backprop."""
+    p_update: float = 1.0
+    """Probability that a stage applies its update at a step (paper's random-update experiment)."""
+
+    def validate(self) -> None:
+        _check(
+            self.hidden_layers is None or 0 <= self.hidden_layers <= 2,
+            "synthesizer.hidden_layers",
+            f"must be 0, 1, 2 or null (got {self.hidden_layers})",
+        )
+        _check(self.hidden_width >= 1, "synthesizer.hidden_width", f"must be >= 1 (got {self.hidden_width})")
+        _check(self.lr > 0, "synthesizer.lr", f"must be > 0, e.g. 1e-3 (got {self.lr})")
+        _check(self.loss_weight > 0, "synthesizer.loss_weight", f"must be > 0 (got {self.loss_weight})")
+        _check(0.0 <= self.bp_lambda <= 1.0, "synthesizer.bp_lambda", f"must be in [0, 1] (got {self.bp_lambda})")
+        _check(0.0 < self.p_update <= 1.0, "synthesizer.p_update", f"must be in (0, 1] (got {self.p_update})")
+
+
+@dataclass
+class LogConfig:
+    """What a run writes and how often."""
+
+    dir: str = "runs"
+    """Parent folder of run directories (``<dir>/<name>-<time>/``)."""
+    every: int = 50
+    """Log training scalars every this many steps."""
+    grad_every: int = 200
+    """Measure synthetic-vs-true gradient cosine and relative error every this many steps (0: never)."""
+    progress: bool = True
+    """Show a progress bar on the terminal."""
+
+    def validate(self) -> None:
+        _check(self.every >= 1, "log.every", f"must be >= 1 (got {self.every})")
+        _check(self.grad_every >= 0, "log.grad_every", f"must be >= 0 (got {self.grad_every})")
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic checkpoints of every stage, synthesizer and optimiser."""
+
+    every: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints."""
+
+    def validate(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", f"must be >= 0 (got {self.every})")
+        _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {self.keep})")
+
+
+@dataclass
+class Config:
+    """A whole run. See ``configs/`` for commented examples."""
+
+    name: str = "run"
+    """Run name; the run directory is ``log.dir/<name>-<time>``."""
+    method: str = "cdni"
+    """backprop, dni (synthesizer sees the activation) or cdni (activation and label)."""
+    backend: str = "local"
+    """local: the single-process reference trainer; ray: one Ray actor per stage."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    synthesizer: SynthesizerConfig = field(default_factory=SynthesizerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> "Config":
+        """Check every field; returns self. Raises ConfigError naming the first bad key."""
+        _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/' (got {self.name!r})")
+        _one_of(self.method, METHODS, "method")
+        _one_of(self.backend, BACKENDS, "backend")
+        _one_of(self.device, DEVICES, "device")
+        _check(self.threads >= 0, "threads", f"must be >= 0 (got {self.threads})")
+        for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint):
+            section.validate()
+        return self
+
+    @property
+    def synthesizer_hidden_layers(self) -> int:
+        """The synthesizer depth in effect: the configured one, else the paper's per method."""
+        if self.synthesizer.hidden_layers is not None:
+            return self.synthesizer.hidden_layers
+        return 0 if self.method == "cdni" else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` checked against the annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        _check(isinstance(value, list), key, f"must be a list (got {value!r})")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"must be a mapping of keys (got {value!r})")
+        return _build(tp, value, key + ".")
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 as a string; accept what float() accepts.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, f"must be a number (got {value!r})")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer (got {value!r})")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false (got {value!r})")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"must be a string (got {value!r})")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # a schema bug, not a user error
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; valid keys here are {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"{text}: an override must look like section.key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    # YAML parses the value so that 5, 1e-3, true, null and [1, 2] mean what they do in the file.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the nested ``values`` with each ``a.b=value`` override set."""
+    out = _deepcopy_dict(values)
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = out
+        for part in path[:-1]:
+            existing = node.get(part)
+            if existing is None:
+                existing = node[part] = {}
+            if not isinstance(existing, dict):
+                raise ConfigError(f"{text}: {part} is not a section")
+            node = existing
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy_dict(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader. Raises ConfigError on a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file; see configs/ for examples")
+    try:
+        values = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: must hold a mapping of sections (name:, model:, train:, ...)")
+    return values
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested plain values (as read from YAML)."""
+    return _build(Config, values).validate()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (None: defaults only), apply ``overrides``, validate.
+
+    Raises:
+        ConfigError: one line naming the key and what to do.
+    """
+    values = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(values, overrides or []))

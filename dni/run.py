@@ -1,0 +1,64 @@
+"""Run directories: where a run leaves its config, metrics, events, checkpoints and summary.
+
+Layout of ``<log.dir>/<name>-<YYYYmmdd-HHMMSS>/``::
+
+    config.yaml        the resolved config (every key, after CLI overrides)
+    metrics.jsonl      one JSON object per logged step
+    events.out.tfevents.*   TensorBoard
+    checkpoints/step-<n>.pt
+    summary.json       written when the run ends
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dni.config import Config, ConfigError, config_from_dict, read_yaml
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+def create_run_dir(cfg: Config) -> Path:
+    """A new, empty run directory for ``cfg`` holding its resolved config."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.log.dir) / f"{cfg.name}-{stamp}"
+    path, n = base, 1
+    while path.exists():  # two runs started within the same second
+        path, n = Path(f"{base}-{n}"), n + 1
+    path.mkdir(parents=True)
+    write_text_atomic(path / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The resolved config a run was started with.
+
+    Raises:
+        ConfigError: not a run directory, or its config no longer validates.
+    """
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); pass the folder a run created under runs/")
+    return config_from_dict(read_yaml(path))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

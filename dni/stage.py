@@ -1,0 +1,221 @@
+"""One stage of a decoupled network with everything it owns.
+
+A :class:`DecoupledStage` holds a stage module, the synthesizer of its output
+interface (none for the last stage), their optimisers and schedules, and its own
+random stream for stochastic updates. It knows nothing about other stages or
+processes: the single-process trainer calls it for every stage in turn, a Ray
+worker calls it for its one stage. The tensors it exchanges with neighbours are
+activations (downstream) and gradient targets (upstream).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dni import rules
+from dni.synthesizer import Synthesizer
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """How a stage and its synthesizer learn (see :class:`dni.config.SynthesizerConfig`)."""
+
+    lr: float = 1e-3
+    synth_lr: float = 1e-4
+    weight_decay: float = 0.0
+    synth_loss_weight: float = 1.0
+    p_update: float = 1.0
+    schedule: str = "constant"
+    total_steps: int = 1
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``.
+
+    constant: 1; cosine: half a cosine from 1 to 0; step: 1, then /10 at 60% and /100 at 80%
+    (the paper's /10 at 300k and 400k of 500k iterations).
+    """
+    frac = min(step / max(total_steps, 1), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    if schedule == "step":
+        return 1.0 if frac < 0.6 else 0.1 if frac < 0.8 else 0.01
+    raise ValueError(f"unknown schedule {schedule!r}: use constant, cosine or step")
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # A parameter-free stage (e.g. a reshape) still gets an optimiser so that its
+    # checkpoints look like every other stage's.
+    return torch.optim.Adam(params or [nn.Parameter(torch.zeros(0))], lr=lr, weight_decay=weight_decay)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class DecoupledStage:
+    """A stage, its output synthesizer, optimisers and random stream.
+
+    Args:
+        index: position in the pipeline (0 is the first stage).
+        module: the stage's layers.
+        synthesizer: M for this stage's output, or None (last stage, or backprop).
+        is_last: whether the true loss is computed here.
+        options: learning rates, schedule and update probability.
+        seed: seeds this stage's stochastic-update stream.
+        loss_fn: the last stage's loss ``(output, labels) -> scalar``, a batch mean
+            (default cross-entropy).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        module: nn.Module,
+        synthesizer: Synthesizer | None,
+        *,
+        is_last: bool,
+        options: StageOptions,
+        seed: int,
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
+        if is_last and synthesizer is not None:
+            raise ValueError("the last stage computes the true loss and takes no synthesizer")
+        self.index = index
+        self.module = module
+        self.synthesizer = synthesizer
+        self.is_last = is_last
+        self.options = options
+        self.loss_fn = loss_fn
+        self.optimizer = _adam(list(module.parameters()), options.lr, options.weight_decay)
+        self.synth_optimizer = None
+        if synthesizer is not None:
+            self.synth_optimizer = _adam(list(synthesizer.parameters()), options.synth_lr, 0.0)
+        self.steps_done = 0  # steps taken (updated or skipped): drives the schedule
+        self.update_generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+
+    # -- forward ---------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the stage on ``x`` and keep the graph for :meth:`backward`.
+
+        Returns the output, detached: what travels to the next stage.
+        """
+        self._input = x.detach().requires_grad_(self.index > 0)
+        self._output = self.module(self._input)
+        return self._output.detach()
+
+    def context(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """What this stage's synthesizer conditions on: the labels for cDNI, else nothing."""
+        if self.synthesizer is not None and self.synthesizer.conditioned:
+            return labels
+        return None
+
+    def synthetic_gradient(self, labels: torch.Tensor) -> torch.Tensor:
+        """g^ for the output of the last :meth:`forward` (see :func:`dni.rules.synthetic_gradient`)."""
+        if self.synthesizer is None or self._output is None:
+            raise RuntimeError(f"stage {self.index} has no synthesizer or no pending forward")
+        return rules.synthetic_gradient(self.synthesizer, self._output, self.context(labels))
+
+    # -- backward ----------------------------------------------------------------
+    def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """Backpropagate dL/d output through the stage; return dL/d input (None for stage 0)."""
+        if self._output is None:
+            raise RuntimeError(f"stage {self.index}: backward before forward")
+        target = rules.backward_from(self._output, grad, self._input if self.index > 0 else None)
+        self._output = self._input = None  # free the graph
+        return target
+
+    def loss_backward(self, labels: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+        """Last stage: the loss of the pending output, backpropagated.
+
+        Returns:
+            (loss value, true dL/d input or None for a single-stage network).
+        """
+        if not self.is_last or self._output is None:
+            raise RuntimeError(f"stage {self.index} is not the last stage or has no pending forward")
+        loss = self.loss_fn(self._output, labels)
+        target = rules.loss_backward(loss, self._input if self.index > 0 else None)
+        self._output = self._input = None
+        return loss.item(), target
+
+    def step(self) -> bool:
+        """Apply the accumulated gradients with probability ``p_update`` at the scheduled
+        learning rate; advance the schedule.
+
+        Returns whether the parameters were updated.
+        """
+        update = rules.should_update(self.update_generator, self.options.p_update)
+        if update:
+            _set_lr(self.optimizer, self.lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return update
+
+    @property
+    def lr_scale(self) -> float:
+        """The schedule's factor at the current step."""
+        return lr_factor(self.options.schedule, self.steps_done, self.options.total_steps)
+
+    @property
+    def lr(self) -> float:
+        """The stage's learning rate at the current step."""
+        return self.options.lr * self.lr_scale
+
+    # -- synthesizer -----------------------------------------------------------------
+    def train_synthesizer(self, h: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> float:
+        """One regression step of this stage's synthesizer on (h, target); returns the loss."""
+        if self.synthesizer is None or self.synth_optimizer is None:
+            raise RuntimeError(f"stage {self.index} has no synthesizer")
+        loss = rules.synthesizer_loss(
+            self.synthesizer, h, self.context(labels), target, weight=self.options.synth_loss_weight
+        )
+        self.synth_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _set_lr(self.synth_optimizer, self.options.synth_lr * self.lr_scale)
+        self.synth_optimizer.step()
+        return loss.item()
+
+    # -- state ------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+        if self.synthesizer is not None:
+            self.synthesizer.train(mode)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume this stage exactly (tensors and plain values only)."""
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps_done": self.steps_done,
+            "update_generator": self.update_generator.get_state(),
+        }
+        if self.synthesizer is not None:
+            state["synthesizer"] = self.synthesizer.state_dict()
+            state["synth_optimizer"] = self.synth_optimizer.state_dict()  # type: ignore[union-attr]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`. Raises KeyError/RuntimeError on a mismatched state."""
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+        self.update_generator.set_state(state["update_generator"])
+        if self.synthesizer is not None:
+            if "synthesizer" not in state:
+                raise KeyError("synthesizer")
+            self.synthesizer.load_state_dict(state["synthesizer"])
+            self.synth_optimizer.load_state_dict(state["synth_optimizer"])  # type: ignore[union-attr]

@@ -1,0 +1,184 @@
+"""Gradient synthesizers: models M(h [, c]) that predict dL/dh for a stage output h.
+
+Glossary (used in code, YAML keys and TensorBoard tags):
+  activation  h, the output of a stage, the input of the next one.
+  context     c, extra information the synthesizer may see: the one-hot label (cDNI).
+  synthetic gradient  g^ = M(h, c), the prediction of dL/dh.
+  target      the gradient that M is regressed onto (bootstrapped or true).
+
+Units: a synthesizer predicts the *per-example* gradient, i.e. ``batch_size x dL/dh``
+for a batch-mean loss L. Gradients of a mean loss shrink with the batch (about 1e-4
+here), which a regressor trained with Adam does not learn; per-example units keep
+targets O(1) and make a synthesizer independent of the batch size. The rules in
+:mod:`dni.rules` do the scaling.
+
+Every synthesizer's final layer is zero-initialised, weights AND biases (paper,
+appendix): its first predictions are exactly zero, so the first updates are no-ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Synthesizer(nn.Module):
+    """Base class: ``forward(h, context=None)`` returns a tensor shaped like ``h``."""
+
+    num_classes: int
+    conditioned: bool
+
+    def _context(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.conditioned:
+            return None
+        if context is None:
+            raise ValueError("this synthesizer is conditioned (cDNI): pass the labels as context")
+        if context.dtype in (torch.int64, torch.int32):
+            context = F.one_hot(context.long(), self.num_classes)
+        return context.to(h.dtype)
+
+
+def _zero_(layer: nn.Module) -> None:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+class MLPSynthesizer(Synthesizer):
+    """An MLP synthesizer for activations of shape (B, D) (or (B, ...), flattened).
+
+    Args:
+        features: the size D of the activation it predicts gradients for.
+        hidden_layers: 0 (linear, the paper's cDNI choice), 1 or 2 (the paper's DNI choice).
+        hidden_width: units per hidden layer (paper: 1024).
+        batch_norm: BatchNorm1d after each hidden linear layer.
+        num_classes: classes of the one-hot context; required when ``conditioned``.
+        conditioned: cDNI: the input is [h, onehot(y)].
+
+    Raises:
+        ValueError: on impossible sizes or a conditioned synthesizer without classes.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        hidden_layers: int = 2,
+        hidden_width: int = 1024,
+        batch_norm: bool = False,
+        num_classes: int = 0,
+        conditioned: bool = False,
+    ) -> None:
+        super().__init__()
+        if features < 1:
+            raise ValueError(f"features must be >= 1, got {features}")
+        if hidden_layers not in (0, 1, 2):
+            raise ValueError(f"hidden_layers must be 0, 1 or 2, got {hidden_layers}")
+        if hidden_width < 1:
+            raise ValueError(f"hidden_width must be >= 1, got {hidden_width}")
+        if conditioned and num_classes < 1:
+            raise ValueError("a conditioned (cDNI) synthesizer needs num_classes >= 1")
+        self.features = features
+        self.num_classes = num_classes
+        self.conditioned = conditioned
+        layers: list[nn.Module] = []
+        width = features + (num_classes if conditioned else 0)
+        for _ in range(hidden_layers):
+            layers.append(nn.Linear(width, hidden_width))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden_width))
+            layers.append(nn.ReLU())
+            width = hidden_width
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Linear(width, features)
+        _zero_(self.out)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = h.flatten(1)  # (B, D)
+        c = self._context(h, context)
+        if c is not None:
+            x = torch.cat([x, c], dim=1)  # (B, D + classes)
+        return self.out(self.hidden(x)).view_as(h)
+
+
+class ConvSynthesizer(Synthesizer):
+    """A convolutional synthesizer for activations of shape (B, C, H, W).
+
+    The paper's CNN synthesizer: ``hidden_layers`` conv layers of ``hidden_channels``
+    filters (5x5, 'same' padding), then a final zero-initialised conv back to C channels.
+    The cDNI context enters as ``num_classes`` constant one-hot planes.
+
+    Args:
+        channels: C of the activation.
+        hidden_layers: 0, 1 or 2 (paper: 2).
+        hidden_channels: filters per hidden conv (paper: 128).
+        kernel_size: odd kernel size (paper: 5).
+        batch_norm: BatchNorm2d after each hidden conv.
+        num_classes: classes of the one-hot context; required when ``conditioned``.
+        conditioned: cDNI.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        hidden_layers: int = 2,
+        hidden_channels: int = 128,
+        kernel_size: int = 5,
+        batch_norm: bool = False,
+        num_classes: int = 0,
+        conditioned: bool = False,
+    ) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        if hidden_layers not in (0, 1, 2):
+            raise ValueError(f"hidden_layers must be 0, 1 or 2, got {hidden_layers}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if conditioned and num_classes < 1:
+            raise ValueError("a conditioned (cDNI) synthesizer needs num_classes >= 1")
+        self.channels = channels
+        self.num_classes = num_classes
+        self.conditioned = conditioned
+        pad = kernel_size // 2
+        layers: list[nn.Module] = []
+        width = channels + (num_classes if conditioned else 0)
+        for _ in range(hidden_layers):
+            layers.append(nn.Conv2d(width, hidden_channels, kernel_size, padding=pad))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(hidden_channels))
+            layers.append(nn.ReLU())
+            width = hidden_channels
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Conv2d(width, channels, kernel_size, padding=pad)
+        _zero_(self.out)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = h  # (B, C, H, W)
+        c = self._context(h, context)
+        if c is not None:
+            planes = c[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B, classes, H, W)
+            x = torch.cat([x, planes], dim=1)
+        return self.out(self.hidden(x))
+
+
+def make_synthesizer(
+    activation_shape: tuple[int, ...],
+    *,
+    hidden_layers: int,
+    hidden_width: int,
+    batch_norm: bool,
+    num_classes: int,
+    conditioned: bool,
+) -> Synthesizer:
+    """The synthesizer that fits an activation of per-example shape ``activation_shape``.
+
+    (D,) gets an :class:`MLPSynthesizer`; (C, H, W) a :class:`ConvSynthesizer`.
+    """
+    common = dict(hidden_layers=hidden_layers, batch_norm=batch_norm, num_classes=num_classes, conditioned=conditioned)
+    if len(activation_shape) == 1:
+        return MLPSynthesizer(activation_shape[0], hidden_width=hidden_width, **common)
+    if len(activation_shape) == 3:
+        return ConvSynthesizer(activation_shape[0], hidden_channels=hidden_width, **common)
+    raise ValueError(f"no synthesizer for activations of shape {activation_shape}: expected (D,) or (C, H, W)")

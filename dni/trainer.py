@@ -1,0 +1,246 @@
+"""The single-process reference trainer (``backend: local``).
+
+It trains a :class:`~dni.pipeline.Pipeline` on one device with the configured
+method, seeded and deterministic, evaluates, checkpoints and resumes exactly,
+and is the correctness oracle the distributed runtime is checked against.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dni.build import build_pipeline
+from dni.checkpoint import load_latest, save_checkpoint
+from dni.config import Config
+from dni.data import ArrayDataset, Splits, iterate_batches, load_dataset
+from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
+from dni.pipeline import Pipeline
+from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu. Raises ValueError for cuda without a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but torch sees no GPU; set device=cpu or device=auto")
+    return torch.device(name)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffle stream of one epoch: a pure function of (seed, epoch), so a resumed
+    run replays the same order without storing iterator state."""
+    return torch.Generator().manual_seed(seed * 7919 + epoch)
+
+
+@dataclass
+class Budget:
+    """How long a run trains."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, cfg: Config, train_size: int) -> "Budget":
+        per_epoch = train_size // cfg.train.batch_size
+        if per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is larger than the training split "
+                f"({train_size} examples); lower it"
+            )
+        total = per_epoch * cfg.train.epochs
+        if cfg.train.max_steps is not None:
+            total = min(total, cfg.train.max_steps)
+        return cls(per_epoch, total)
+
+
+class Trainer:
+    """Trains one run in one process.
+
+    Args:
+        cfg: the validated config.
+        run_dir: the run directory (see :mod:`dni.run`).
+        splits: the data, already loaded (None: load as configured).
+        progress: a callback ``(step, total, scalars)`` for a progress display, or None.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        splits: Splits | None = None,
+        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.splits = splits or load_dataset(
+            cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed, download=cfg.data.download
+        )
+        self.train_data = self._on_device(self.splits.train)
+        self.budget = Budget.of(cfg, len(self.splits.train))
+        in_shape = tuple(self.splits.train.images.shape[1:])
+        torch.manual_seed(cfg.seed)
+        self.pipeline: Pipeline = build_pipeline(
+            cfg, in_shape, self.splits.train.num_classes, total_steps=self.budget.total_steps, device=self.device
+        )
+        self.progress = progress
+        self.step = 0
+        self.elapsed = 0.0  # training seconds before this process (resumed runs)
+        self.logger: MetricsLogger | None = None
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def _on_device(self, ds: ArrayDataset) -> ArrayDataset:
+        return ArrayDataset(ds.images.to(self.device), ds.labels.to(self.device), ds.num_classes)
+
+    # -- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "stages": [s.state_dict() for s in self.pipeline.stages],
+            "elapsed": self.elapsed,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def resume(self) -> None:
+        """Continue from the newest readable checkpoint of the run directory.
+
+        Raises:
+            CheckpointError: none readable, or of another format.
+        """
+        state = load_latest(self.run_dir / CHECKPOINTS)
+        for stage, s in zip(self.pipeline.stages, state["stages"], strict=True):
+            stage.load_state_dict(s)
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir / CHECKPOINTS, self.step, self.state_dict(), keep=self.cfg.checkpoint.keep)
+
+    # -- loop ------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to the end of the budget; returns (and writes) the summary."""
+        resumed = self.step if self.step > 0 else None
+        self.logger = MetricsLogger([
+            JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed),
+            TensorBoardSink(self.run_dir, resume_step=resumed),
+        ])
+        try:
+            self._loop()
+            summary = self._summary()
+            self.logger.hparams(flatten(self.cfg.to_dict()), {"test_accuracy": summary["test_accuracy"]})
+        finally:
+            self.logger.close()
+        write_summary(self.run_dir, summary)
+        return summary
+
+    def _loop(self) -> None:
+        cfg, budget = self.cfg, self.budget
+        start = time.perf_counter() - self.elapsed
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < budget.total_steps:
+            epoch, offset = divmod(self.step, budget.steps_per_epoch)
+            # Full batches only: a tiny last batch would give BatchNorm noisy statistics.
+            batches = iterate_batches(
+                self.train_data, cfg.train.batch_size, shuffle=True, generator=epoch_generator(cfg.seed, epoch), drop_last=True
+            )
+            for i, (x, y) in enumerate(batches):
+                if i < offset:
+                    continue  # resuming mid-epoch: skip what was trained already
+                if self.step >= budget.total_steps:
+                    break
+                scalars = self._train_step(x, y)
+                self.step += 1
+                window_steps += 1
+                measured = any(k.startswith("sg/cosine/") for k in scalars)
+                if measured or self.step % cfg.log.every == 0 or self.step == budget.total_steps:
+                    now = time.perf_counter()
+                    scalars["train/samples_per_second"] = window_steps * cfg.train.batch_size / (now - window_start)
+                    window_start, window_steps = now, 0
+                    self._log(scalars)
+                if self.progress is not None:
+                    self.progress(self.step, budget.total_steps, self.logger.latest if self.logger else {})
+                self.elapsed = time.perf_counter() - start
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+            epoch_done = self.step % budget.steps_per_epoch == 0
+            last = self.step >= budget.total_steps
+            if last or (epoch_done and (self.step // budget.steps_per_epoch) % cfg.train.eval_every == 0):
+                self._log(self._evaluate())
+        self.elapsed = time.perf_counter() - start
+        self.save()
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        scalars: dict[str, float] = {}
+        # Measured on steps numbered (1-based) as multiples of grad_every, so the last step is included.
+        if cfg.log.grad_every and self.pipeline.decoupled and (self.step + 1) % cfg.log.grad_every == 0:
+            for i, (cos, rel) in self.pipeline.gradient_agreement(x, y).items():
+                scalars[f"sg/cosine/stage_{i}"] = cos
+                scalars[f"sg/rel_error/stage_{i}"] = rel
+        result = self.pipeline.train_step(x, y, bp_lambda=cfg.synthesizer.bp_lambda)
+        if not math.isfinite(result.loss):
+            raise FloatingPointError(
+                f"training loss became {result.loss} at step {self.step}: lower train.lr or synthesizer.lr"
+            )
+        scalars["train/loss"] = result.loss
+        scalars["train/lr"] = self.pipeline.stages[0].lr
+        for i, v in result.synth_losses.items():
+            scalars[f"sg/loss/stage_{i}"] = v
+        return scalars
+
+    def _log(self, scalars: dict[str, float]) -> None:
+        assert self.logger is not None
+        self.logger.log(self.step, scalars)
+        for tag, v in scalars.items():
+            self.history.setdefault(tag, []).append((self.step, v))
+
+    def _evaluate(self) -> dict[str, float]:
+        out = {}
+        for name, ds in (("val", self.splits.val), ("test", self.splits.test)):
+            if len(ds) == 0:
+                continue
+            loss, acc = self.pipeline.evaluate(iterate_batches(self._on_device(ds), 1024, shuffle=False))
+            out[f"{name}/loss"], out[f"{name}/accuracy"] = loss, acc
+        return out
+
+    def _summary(self) -> dict[str, Any]:
+        assert self.logger is not None
+        cfg, latest = self.cfg, self.logger.latest
+        test_acc = latest.get("test/accuracy", float("nan"))
+        cosines = {k.rsplit("/", 1)[1]: v for k, v in latest.items() if k.startswith("sg/cosine/")}
+        rel = {k.rsplit("/", 1)[1]: v for k, v in latest.items() if k.startswith("sg/rel_error/")}
+        samples = self.step * cfg.train.batch_size
+        return {
+            "name": cfg.name,
+            "method": cfg.method,
+            "backend": "local",
+            "model": f"{cfg.model.kind}-{cfg.model.depth}",
+            "stages": len(self.pipeline.stages),
+            "dataset": cfg.data.name,
+            "seed": cfg.seed,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "epochs": self.step / self.budget.steps_per_epoch,
+            "steps": self.step,
+            "batch_size": cfg.train.batch_size,
+            "train_loss": latest.get("train/loss"),
+            "val_accuracy": latest.get("val/accuracy"),
+            "test_accuracy": test_acc,
+            "test_error": 1.0 - test_acc,
+            "wall_seconds": self.elapsed,
+            "seconds_per_step": self.elapsed / max(self.step, 1),
+            "samples_per_second": samples / self.elapsed if self.elapsed > 0 else None,
+            "sg_cosine": cosines,
+            "sg_rel_error": rel,
+        }

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny configs and data, seeded, CPU by default and CUDA when present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dni.config import Config, config_from_dict
+from dni.data import ArrayDataset, Splits
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Every device test runs on the CPU, and on CUDA too when a GPU is present."""
+    return torch.device(request.param)
+
+
+def tiny_config(**sections: dict) -> Config:
+    """A small FCN config; keyword arguments override sections or top-level keys."""
+    values: dict = {
+        "name": "tiny",
+        "method": "cdni",
+        "device": "cpu",
+        "model": {"kind": "fcn", "depth": 2, "width": 16},
+        "data": {"name": "idx", "path": "unused", "val_size": 0},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "schedule": "constant"},
+        "synthesizer": {"hidden_width": 32, "lr": 1e-3},
+        "log": {"every": 2, "grad_every": 3, "progress": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            values.setdefault(key, {}).update(value)
+        else:
+            values[key] = value
+    return config_from_dict(values)
+
+
+def random_splits(n_train: int = 96, n_test: int = 48, shape: tuple[int, ...] = (1, 4, 4), classes: int = 3, seed: int = 0) -> Splits:
+    """A learnable synthetic dataset: the label is the argmax of three pixel means."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> ArrayDataset:
+        x = torch.rand(n, *shape, generator=g)
+        flat = x.flatten(1)
+        y = torch.stack([flat[:, i::classes].mean(1) for i in range(classes)], 1).argmax(1)
+        return ArrayDataset(x, y, classes)
+
+    empty = ArrayDataset(torch.zeros(0, *shape), torch.zeros(0, dtype=torch.int64), classes)
+    return Splits(train=make(n_train), val=empty, test=make(n_test))

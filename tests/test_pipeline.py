@@ -1,0 +1,161 @@
+"""The decoupled pipeline against backprop: transparency, BP(lambda), schedules, random updates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from dni.build import build_pipeline
+from dni.config import Config
+from dni.pipeline import Pipeline
+from dni.synthesizer import Synthesizer
+
+
+class OracleSynthesizer(Synthesizer):
+    """Returns the true gradient it was given, in per-example units: DNI with a perfect model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conditioned = False
+        self.num_classes = 0
+        self.true_grad: torch.Tensor | None = None
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # so its optimiser has a parameter
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        assert self.true_grad is not None
+        return self.true_grad * h.shape[0] + 0 * self.anchor
+
+
+def make(cfg: Config, device: torch.device, shape: tuple[int, ...] = (1, 4, 4)) -> Pipeline:
+    return build_pipeline(cfg, shape, 3, total_steps=100, device=device)
+
+
+def batch(device: torch.device, shape: tuple[int, ...] = (1, 4, 4), n: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g).to(device), torch.randint(0, 3, (n,), generator=g).to(device)
+
+
+def captured_grads(p: Pipeline) -> list[dict[str, torch.Tensor]]:
+    """Parameter gradients of every stage, captured just before each optimiser step."""
+    grads: list[dict[str, torch.Tensor]] = [{} for _ in p.stages]
+    for i, stage in enumerate(p.stages):
+        def hook(opt, args, kwargs, i=i, stage=stage):
+            grads[i] = {n: q.grad.clone() for n, q in stage.module.named_parameters() if q.grad is not None}
+        stage.optimizer.register_step_pre_hook(hook)
+    return grads
+
+
+CASES = {
+    "fcn": (dict(model={"kind": "fcn", "depth": 3, "width": 16}), (1, 4, 4)),
+    "cnn": (dict(model={"kind": "cnn", "depth": 2, "channels": 4}), (1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_oracle_synthesizer_makes_decoupled_gradients_equal_backprop(case: str, device: torch.device) -> None:
+    sections, shape = CASES[case]
+    x, y = batch(device, shape)
+    decoupled = make(tiny_config(method="dni", **sections), device, shape)
+    reference = make(tiny_config(method="backprop", **sections), device, shape)
+    _, true_grads = decoupled.true_gradients(x, y)
+    for stage, g in zip(decoupled.stages, true_grads):
+        oracle = OracleSynthesizer().to(device)
+        oracle.true_grad = g
+        stage.synthesizer = oracle
+    got, want = captured_grads(decoupled), captured_grads(reference)
+    decoupled.train_step(x, y)  # unlocked: every stage updates from its (oracle) synthetic gradient
+    reference.train_step(x, y)
+    assert len(got) == len(want) == len(decoupled.stages)
+    for g_stage, w_stage in zip(got, want):
+        assert g_stage.keys() == w_stage.keys() and g_stage
+        for name in w_stage:
+            torch.testing.assert_close(g_stage[name], w_stage[name], rtol=1e-5, atol=1e-7)
+
+
+def test_zero_initialised_synthesizers_leave_lower_stages_unchanged_at_first_step(device: torch.device) -> None:
+    p = make(tiny_config(method="dni"), device)
+    before = [copy.deepcopy(s.module.state_dict()) for s in p.stages]
+    p.train_step(*batch(device))
+    for stage, old in zip(p.stages[:-1], before):
+        for name, q in stage.module.named_parameters():
+            torch.testing.assert_close(q, old[name], rtol=0, atol=0)
+    last = p.stages[-1].module
+    assert any(not torch.equal(q, before[-1][n]) for n, q in last.named_parameters())
+
+
+def params(p: Pipeline) -> list[torch.Tensor]:
+    return [q.detach().clone() for s in p.stages for q in s.module.parameters()]
+
+
+def run_steps(p: Pipeline, device: torch.device, steps: int, bp_lambda: float = 0.0, locked: bool = False) -> list[float]:
+    losses = []
+    for i in range(steps):
+        x, y = batch(device, seed=i)
+        r = p._locked_step(x, y, bp_lambda) if locked else p.train_step(x, y, bp_lambda=bp_lambda)
+        losses.append(r.loss)
+    return losses
+
+
+def test_bp_lambda_one_equals_backprop(device: torch.device) -> None:
+    mixed = make(tiny_config(method="cdni", synthesizer={"bp_lambda": 1.0}), device)
+    reference = make(tiny_config(method="backprop"), device)
+    torch.testing.assert_close(run_steps(mixed, device, 5, bp_lambda=1.0), run_steps(reference, device, 5))
+    for a, b in zip(params(mixed), params(reference)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bp_lambda_between_zero_and_one_differs_from_both_ends(device: torch.device) -> None:
+    results = []
+    for lam in (0.0, 0.5, 1.0):
+        p = make(tiny_config(method="cdni"), device)
+        run_steps(p, device, 4, bp_lambda=lam, locked=True)
+        results.append(params(p))
+    assert not torch.allclose(results[0][0], results[1][0]) and not torch.allclose(results[1][0], results[2][0])
+
+
+def test_unlocked_and_locked_schedules_agree_at_lambda_zero(device: torch.device) -> None:
+    unlocked = make(tiny_config(method="cdni"), device)
+    locked = make(tiny_config(method="cdni"), device)
+    torch.testing.assert_close(run_steps(unlocked, device, 6), run_steps(locked, device, 6, locked=True))
+    for a, b in zip(params(unlocked), params(locked)):
+        torch.testing.assert_close(a, b)
+
+
+def test_p_update_one_equals_ordinary_decoupled_training(device: torch.device) -> None:
+    explicit = make(tiny_config(method="dni", synthesizer={"p_update": 1.0}), device)
+    default = make(tiny_config(method="dni"), device)
+    torch.testing.assert_close(run_steps(explicit, device, 4), run_steps(default, device, 4))
+    for a, b in zip(params(explicit), params(default)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_p_update_skips_stage_updates_at_the_requested_rate(device: torch.device) -> None:
+    p = make(tiny_config(method="cdni", synthesizer={"p_update": 0.25}), device)
+    updates = []
+    for i in range(200):
+        updates.append(p.train_step(*batch(device, seed=i)).updated)
+    rate = sum(sum(u) for u in updates) / (200 * len(p.stages))
+    assert 0.18 < rate < 0.32
+    before = params(p)
+    for i in range(50):  # a step where no stage updates changes no parameter
+        r = p.train_step(*batch(device, seed=1000 + i))
+        if not any(r.updated):
+            break
+        before = params(p)
+    else:
+        pytest.fail("no step without any update was drawn in 50 tries")
+    for a, b in zip(before, params(p)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_true_gradients_leave_the_model_unchanged(device: torch.device) -> None:
+    p = make(tiny_config(method="cdni"), device)
+    buffers = [b.clone() for s in p.stages for b in s.module.buffers()]
+    hs, grads = p.true_gradients(*batch(device))
+    assert len(hs) == len(grads) == len(p.stages) - 1
+    for a, b in zip(buffers, [b for s in p.stages for b in s.module.buffers()]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(q.grad is None for s in p.stages for q in s.module.parameters())

@@ -1,0 +1,115 @@
+"""The reference trainer: determinism, checkpoints and exact resume, run-directory contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_splits, tiny_config
+from dni.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, save_checkpoint
+from dni.config import Config
+from dni.run import create_run_dir
+from dni.trainer import Trainer
+
+
+def run(cfg: Config, tmp_path: Path, *, resume: Path | None = None) -> tuple[Trainer, dict]:
+    run_dir = resume or create_run_dir(cfg)
+    t = Trainer(cfg, run_dir, splits=random_splits())
+    if resume is not None:
+        t.resume()
+    return t, t.fit()
+
+
+def params(t: Trainer) -> list[torch.Tensor]:
+    return [q.detach().clone() for s in t.pipeline.stages for q in s.module.parameters()]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in rows if r.get("train/loss") is not None]
+
+
+@pytest.mark.parametrize("method", ["backprop", "dni", "cdni"])
+def test_same_seed_gives_identical_runs(method: str, tmp_path: Path) -> None:
+    cfg = tiny_config(method=method, log={"dir": str(tmp_path)})
+    a, sa = run(cfg, tmp_path)
+    b, sb = run(cfg, tmp_path)
+    assert sa["test_accuracy"] == sb["test_accuracy"]
+    assert losses(a.run_dir) == losses(b.run_dir)
+    for x, y in zip(params(a), params(b)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_resume_after_an_interruption_continues_exactly(tmp_path: Path) -> None:
+    cfg = tiny_config(log={"dir": str(tmp_path)}, train={"epochs": 3}, synthesizer={"p_update": 0.7}, checkpoint={"every": 4})
+    full, full_summary = run(cfg, tmp_path)
+
+    def crash(step: int, total: int, latest: dict) -> None:
+        if step == 10:  # killed mid-epoch (6 steps per epoch), after the checkpoint of step 8
+            raise KeyboardInterrupt
+
+    interrupted = Trainer(cfg, create_run_dir(cfg), splits=random_splits(), progress=crash)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    resumed = Trainer(cfg, interrupted.run_dir, splits=random_splits())
+    resumed.resume()
+    assert resumed.step == 8
+    summary = resumed.fit()
+    assert summary["steps"] == full_summary["steps"] == 18
+    assert summary["test_accuracy"] == full_summary["test_accuracy"]
+    for x, y in zip(params(full), params(resumed)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # The metrics history continues with no gap and no duplicate.
+    assert losses(interrupted.run_dir) == losses(full.run_dir)
+
+
+def test_run_directory_holds_config_summary_metrics_events_and_checkpoint(tmp_path: Path) -> None:
+    t, summary = run(tiny_config(log={"dir": str(tmp_path)}), tmp_path)
+    names = {p.name for p in t.run_dir.iterdir()}
+    assert {"config.yaml", "summary.json", "metrics.jsonl", "checkpoints"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    on_disk = json.loads((t.run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("method", "model", "dataset", "seed", "epochs", "steps", "test_accuracy", "test_error",
+                "wall_seconds", "samples_per_second"):
+        assert key in on_disk
+    assert on_disk["steps"] == 12 and on_disk["epochs"] == 2
+    assert 0.0 <= on_disk["test_accuracy"] <= 1.0
+    assert on_disk["test_error"] == pytest.approx(1 - on_disk["test_accuracy"])
+    assert set(on_disk["sg_cosine"]) == {"stage_0", "stage_1"}
+    state = load_checkpoint(list_checkpoints(t.run_dir / "checkpoints")[-1])
+    assert state["step"] == 12 and len(state["stages"]) == 3
+
+
+def test_corrupted_checkpoint_gives_a_clear_error_and_the_previous_one_is_used(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder, 1, {"x": torch.ones(3)}, keep=5)
+    newest = save_checkpoint(folder, 2, {"x": torch.zeros(3)}, keep=5)
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a crash or a full disk
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+        state = load_latest(folder)
+    assert state["step"] == 1
+    torch.testing.assert_close(state["x"], torch.ones(3))
+
+
+def test_checkpoints_are_versioned_pruned_and_safe(tmp_path: Path) -> None:
+    folder = tmp_path / "ck"
+    for step in range(5):
+        save_checkpoint(folder, step, {"x": torch.tensor(step)}, keep=2)
+    assert [p.name for p in list_checkpoints(folder)] == ["step-00000003.pt", "step-00000004.pt"]
+    assert not list(folder.glob(".tmp-*"))
+    bad = folder / "step-00000009.pt"
+    torch.save({"format_version": 99, "step": 9}, bad)
+    with pytest.raises(CheckpointError, match="checkpoint format 99 but this dni reads format 1"):
+        load_latest(folder)
+    evil = folder / "step-00000010.pt"
+    torch.save({"format_version": 1, "obj": Path("x")}, evil)  # an arbitrary object: refused by weights_only
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(evil)
+    with pytest.raises(CheckpointError, match="no checkpoints to resume from"):
+        load_latest(tmp_path / "empty")
