@@ -95,7 +95,8 @@ class Trainer:
         )
         self.progress = progress
         self.step = 0
-        self.elapsed = 0.0  # training seconds before this process (resumed runs)
+        self.elapsed = 0.0  # wall seconds of the run so far, including earlier processes (resumed runs)
+        self.step_seconds = 0.0  # of which inside training steps (no evaluation, logging or measurement)
         self.logger: MetricsLogger | None = None
         self.history: dict[str, list[tuple[int, float]]] = {}
 
@@ -108,6 +109,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "stages": [s.state_dict() for s in self.pipeline.stages],
             "elapsed": self.elapsed,
+            "step_seconds": self.step_seconds,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -122,6 +124,7 @@ class Trainer:
             stage.load_state_dict(s)
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
+        self.step_seconds = float(state["step_seconds"])
         torch.set_rng_state(state["torch_rng"])
 
     def save(self) -> Path:
@@ -188,7 +191,11 @@ class Trainer:
             for i, (cos, rel) in self.pipeline.gradient_agreement(x, y).items():
                 scalars[f"sg/cosine/stage_{i}"] = cos
                 scalars[f"sg/rel_error/stage_{i}"] = rel
+        started = time.perf_counter()
         result = self.pipeline.train_step(x, y, bp_lambda=cfg.synthesizer.bp_lambda)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # count the GPU work in this step's time
+        self.step_seconds += time.perf_counter() - started
         if not math.isfinite(result.loss):
             raise FloatingPointError(
                 f"training loss became {result.loss} at step {self.step}: lower train.lr or synthesizer.lr"
@@ -239,7 +246,8 @@ class Trainer:
             "test_accuracy": test_acc,
             "test_error": 1.0 - test_acc,
             "wall_seconds": self.elapsed,
-            "seconds_per_step": self.elapsed / max(self.step, 1),
+            "step_seconds": self.step_seconds,
+            "seconds_per_step": self.step_seconds / max(self.step, 1),
             "samples_per_second": samples / self.elapsed if self.elapsed > 0 else None,
             "sg_cosine": cosines,
             "sg_rel_error": rel,
