@@ -49,11 +49,16 @@ def run_training(cfg: Config, *, resume_dir: Path | None = None, progress: bool 
     from dni.run import create_run_dir
     from dni.trainer import Trainer
 
-    if cfg.backend == "ray":
-        raise ConfigError("backend: ray is not available in this version yet; use backend=local")
     run_dir = resume_dir or create_run_dir(cfg)
     show = progress and cfg.log.progress
-    trainer = Trainer(cfg, run_dir, progress=_progress_bar(cfg.name) if show else None)
+    bar = _progress_bar(cfg.name) if show else None
+    if cfg.backend == "ray":
+        if resume_dir is not None:
+            raise ConfigError("--resume is supported by backend: local only in this version")
+        from workers.coordinator import Coordinator  # Ray is imported only for this backend
+
+        return run_dir, Coordinator(cfg, run_dir, progress=bar).run()
+    trainer = Trainer(cfg, run_dir, progress=bar)
     if resume_dir is not None:
         trainer.resume()
     return run_dir, trainer.fit()
@@ -80,7 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ConfigError("give a CONFIG file (e.g. configs/debug.yaml) or --resume RUN_DIR")
-        cfg, run_dir = load_config(args.config, args.overrides), None
+        overrides = [*args.overrides, *([f"runtime.address={args.address}"] if args.address else [])]
+        cfg, run_dir = load_config(args.config, overrides), None
     run_dir, summary = run_training(cfg, resume_dir=run_dir, progress=not args.no_progress)
     _print_summary(run_dir, summary)
     return 0
@@ -131,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--address", help="Ray cluster to join with backend: ray (default: RAY_ADDRESS, else a local instance)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

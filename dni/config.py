@@ -20,6 +20,8 @@ METHODS = ("backprop", "dni", "cdni")
 MODEL_KINDS = ("fcn", "cnn")
 DATASETS = ("mnist", "cifar10", "idx")
 BACKENDS = ("local", "ray")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+TRANSPORTS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine", "step")
 
@@ -185,6 +187,73 @@ class CheckpointConfig:
 
 
 @dataclass
+class StageSpec:
+    """Per-stage settings of the Ray runtime (``stages:`` is a list, one entry per stage)."""
+
+    replicas: int = 1
+    """Data-parallel replicas of this stage; they take turns on batches and are averaged every sync.replica_every steps."""
+
+    def validate(self, key: str) -> None:
+        _check(self.replicas >= 1, f"{key}.replicas", f"must be >= 1 (got {self.replicas})")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the Ray runtime runs the stages (``backend: ray``)."""
+
+    max_in_flight: int = 2
+    """Batches a stage may have sent downstream whose gradient targets have not come back (backpressure; 1 = lock-step)."""
+    max_staleness: int = 16
+    """Targets older than this many steps are dropped rather than used to train a synthesizer (the drops are logged)."""
+    placement_strategy: str = "PACK"
+    """Ray placement-group strategy for the stage bundles: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
+    cpus_per_stage: float = 1.0
+    gpus_per_stage: float | None = None
+    """GPUs per stage worker; null: 1 when the cluster has GPUs (one stage per GPU), else 0."""
+    transport: str = "auto"
+    """torch.distributed backend between stages: gloo (CPU tensors), nccl (GPUs) or auto."""
+    address: str | None = None
+    """Ray cluster to join (also RAY_ADDRESS); null starts a local Ray instance on 127.0.0.1."""
+    dashboard: bool = False
+    """Start Ray's dashboard with a local instance (bound to 127.0.0.1)."""
+    timeout_s: float = 120.0
+    """Longest wait for placement, setup or a silent worker before the run fails with a message."""
+    poll_s: float = 1.0
+    """How often the coordinator gathers metrics from the workers."""
+
+    def validate(self) -> None:
+        _check(self.max_in_flight >= 1, "runtime.max_in_flight", f"must be >= 1 (got {self.max_in_flight})")
+        _check(self.max_staleness >= 1, "runtime.max_staleness", f"must be >= 1 (got {self.max_staleness})")
+        _one_of(self.placement_strategy, PLACEMENT_STRATEGIES, "runtime.placement_strategy")
+        _check(self.cpus_per_stage > 0, "runtime.cpus_per_stage", f"must be > 0 (got {self.cpus_per_stage})")
+        _check(
+            self.gpus_per_stage is None or self.gpus_per_stage >= 0,
+            "runtime.gpus_per_stage",
+            f"must be >= 0 or null (got {self.gpus_per_stage})",
+        )
+        _one_of(self.transport, TRANSPORTS, "runtime.transport")
+        _check(self.timeout_s > 0, "runtime.timeout_s", f"must be > 0 (got {self.timeout_s})")
+        _check(self.poll_s > 0, "runtime.poll_s", f"must be > 0 (got {self.poll_s})")
+
+
+@dataclass
+class SyncConfig:
+    """The coordinator's hierarchical synchronisation of the Ray runtime (level 1, neighbour targets, is always on)."""
+
+    true_every: int = 0
+    """Level 2: every this many steps, one batch gets a true end-to-end gradient round (0: never)."""
+    replica_every: int = 0
+    """Level 3: replicas of a stage average parameters and synthesizers every this many of their steps (0: never)."""
+    bp_lambda: float = 0.0
+    """On a true round, also update each stage by lambda x (true - synthetic) gradient (BP(lambda) correction)."""
+
+    def validate(self) -> None:
+        _check(self.true_every >= 0, "sync.true_every", f"must be >= 0 (got {self.true_every})")
+        _check(self.replica_every >= 0, "sync.replica_every", f"must be >= 0 (got {self.replica_every})")
+        _check(0.0 <= self.bp_lambda <= 1.0, "sync.bp_lambda", f"must be in [0, 1] (got {self.bp_lambda})")
+
+
+@dataclass
 class Config:
     """A whole run. See ``configs/`` for commented examples."""
 
@@ -205,6 +274,10 @@ class Config:
     synthesizer: SynthesizerConfig = field(default_factory=SynthesizerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    stages: list[StageSpec] = field(default_factory=list)
+    """Per-stage runtime settings; empty: one replica each. Otherwise one entry per stage."""
 
     def validate(self) -> "Config":
         """Check every field; returns self. Raises ConfigError naming the first bad key."""
@@ -213,9 +286,21 @@ class Config:
         _one_of(self.backend, BACKENDS, "backend")
         _one_of(self.device, DEVICES, "device")
         _check(self.threads >= 0, "threads", f"must be >= 0 (got {self.threads})")
-        for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint):
+        for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync):
             section.validate()
+        n = len(self.model.boundaries) + 1 if self.model.boundaries is not None else self.model.depth + 1
+        _check(
+            not self.stages or len(self.stages) == n,
+            "stages",
+            f"has {len(self.stages)} entries but the model has {n} stages; give one entry per stage or none",
+        )
+        for i, spec in enumerate(self.stages):
+            spec.validate(f"stages[{i}]")
         return self
+
+    def replicas(self, stage: int) -> int:
+        """Replicas of stage ``stage`` (1 unless ``stages`` says otherwise)."""
+        return self.stages[stage].replicas if self.stages else 1
 
     @property
     def synthesizer_hidden_layers(self) -> int:

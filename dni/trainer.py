@@ -18,7 +18,7 @@ import torch
 from dni.build import build_pipeline
 from dni.checkpoint import load_latest, save_checkpoint
 from dni.config import Config
-from dni.data import ArrayDataset, Splits, iterate_batches, load_dataset
+from dni.data import Splits, iterate_batches, load_dataset
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
 from dni.pipeline import Pipeline
 from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
@@ -86,7 +86,7 @@ class Trainer:
         self.splits = splits or load_dataset(
             cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed, download=cfg.data.download
         )
-        self.train_data = self._on_device(self.splits.train)
+        self.train_data = self.splits.train.to(self.device)
         self.budget = Budget.of(cfg, len(self.splits.train))
         in_shape = tuple(self.splits.train.images.shape[1:])
         torch.manual_seed(cfg.seed)
@@ -99,9 +99,6 @@ class Trainer:
         self.step_seconds = 0.0  # of which inside training steps (no evaluation, logging or measurement)
         self.logger: MetricsLogger | None = None
         self.history: dict[str, list[tuple[int, float]]] = {}
-
-    def _on_device(self, ds: ArrayDataset) -> ArrayDataset:
-        return ArrayDataset(ds.images.to(self.device), ds.labels.to(self.device), ds.num_classes)
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -217,7 +214,7 @@ class Trainer:
         for name, ds in (("val", self.splits.val), ("test", self.splits.test)):
             if len(ds) == 0:
                 continue
-            loss, acc = self.pipeline.evaluate(iterate_batches(self._on_device(ds), 1024, shuffle=False))
+            loss, acc = self.pipeline.evaluate(iterate_batches(ds.to(self.device), 1024, shuffle=False))
             out[f"{name}/loss"], out[f"{name}/accuracy"] = loss, acc
         return out
 

@@ -86,6 +86,12 @@ class ArrayDataset:
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
 
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """The same samples on ``device`` (self when already there)."""
+        if self.images.device == torch.device(device):
+            return self
+        return ArrayDataset(self.images.to(device), self.labels.to(device), self.num_classes)
+
     def subset(self, indices: torch.Tensor) -> ArrayDataset:
         """Return a new dataset holding the samples at ``indices`` (copied).
 

@@ -1,0 +1,432 @@
+"""One stage worker's loop: the plain class that a Ray actor wraps.
+
+A :class:`StageRunner` owns one replica of one stage (a
+:class:`~dni.stage.DecoupledStage`: module, output synthesizer, optimisers, RNG)
+and a bounded buffer of the activations it has sent downstream whose gradient
+targets have not come back. For each global step it owns, it
+
+  1. gets its input (stage 0: the batch; else the activation from upstream),
+  2. runs forward, updates at once from its synthetic gradient (or, last stage, the loss),
+  3. sends the gradient target upstream and the activation downstream,
+  4. trains its synthesizer on the targets that have arrived, blocking only when
+     ``max_in_flight`` activations are outstanding (backpressure).
+
+Every ``sync.true_every`` steps one batch gets a true end-to-end gradient round
+(level 2): the true gradient travels down the stack, each stage passing it through
+a snapshot of itself taken at that batch's forward, and each synthesizer is
+trained on it and measured against it. Replicas of a stage average parameters
+every ``sync.replica_every`` steps (level 3). No Ray here: tests run runners in
+plain processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dni import rules
+from dni.build import build_decoupled_stage
+from dni.config import Config
+from dni.data import ArrayDataset
+from dni.stage import DecoupledStage
+from workers.schedule import Schedule, Topology
+from workers.transport import Kind, Message, Tag, Transport
+
+SPLITS = ("val", "test")
+
+
+@dataclass
+class Pending:
+    """An activation sent downstream, waiting for its target."""
+
+    step: int
+    h: torch.Tensor
+    labels: torch.Tensor
+    sent_at: float
+
+
+@dataclass
+class TrueRound:
+    """What a stage keeps of a level-2 batch until its true gradient arrives."""
+
+    h: torch.Tensor
+    labels: torch.Tensor
+    synthetic: torch.Tensor | None
+    snapshot: torch.nn.Module | None  # the stage as it was at this batch's forward
+    stage_input: torch.Tensor | None
+
+
+@dataclass
+class Window:
+    """Counters of one logging window."""
+
+    start: float = field(default_factory=time.perf_counter)
+    idle: float = 0.0
+    steps: int = 0
+    staleness: list[int] = field(default_factory=list)
+    dropped: int = 0
+    synth_losses: list[float] = field(default_factory=list)
+
+
+class StageRunner:
+    """Runs one replica of one stage.
+
+    Args:
+        cfg: the run's config.
+        stage_index, replica: which stage and which of its replicas.
+        topology, schedule: shared by all workers (see :mod:`workers.schedule`).
+        transport: the data plane, already connected.
+        in_shape, shapes, num_classes: the model's input shape, every stage's
+            per-example output shape, and the number of classes.
+        device: where this stage computes.
+        data: train, val and test sets (needed by stage 0 only).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        stage_index: int,
+        replica: int,
+        *,
+        topology: Topology,
+        schedule: Schedule,
+        transport: Transport,
+        in_shape: tuple[int, ...],
+        shapes: list[tuple[int, ...]],
+        num_classes: int,
+        device: torch.device,
+        data: dict[str, ArrayDataset] | None = None,
+    ) -> None:
+        self.cfg, self.i, self.replica = cfg, stage_index, replica
+        self.topology, self.schedule, self.transport = topology, schedule, transport
+        self.device = device
+        self.k = topology.num_stages
+        self.is_first, self.is_last = stage_index == 0, stage_index == self.k - 1
+        self.batch = cfg.train.batch_size
+        self.in_shape = in_shape if self.is_first else shapes[stage_index - 1]
+        self.out_shape = shapes[stage_index]
+        self.stage: DecoupledStage = build_decoupled_stage(
+            cfg, stage_index, in_shape=in_shape, num_classes=num_classes, output_shape=self.out_shape,
+            num_stages=self.k, total_steps=schedule.total_steps, device=device,
+        )
+        self.data = data or {}
+        if self.is_first and "train" not in self.data:
+            raise ValueError("stage 0 needs the training data")
+        self.pending: deque[Pending] = deque()
+        self.true_rounds: dict[int, TrueRound] = {}
+        self.replica_group = None
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self._lock = threading.Lock()
+        self.window = Window()
+        self.busy_total = 0.0
+        self.idle_total = 0.0
+        self.step = 0  # global steps done (by all replicas: the schedule position)
+        self.saved: tuple[int, dict[str, Any]] | None = None
+        self.true_gradients: list[tuple[int, torch.Tensor]] = []  # diagnostics: kept when keep_true > 0
+        self.keep_true = 0
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    # -- setup ------------------------------------------------------------------------
+    def make_groups(self) -> None:
+        """Create the replica groups (every rank creates every group, in stage order)."""
+        for stage in range(self.k):
+            ranks = self.topology.group(stage)
+            group = self.transport.new_group(ranks) if len(ranks) > 1 else None
+            if stage == self.i:
+                self.replica_group = group
+
+    def measure_hops(self) -> dict[str, float]:
+        """Ping-pong the activation to the next stage (replica 0s): one-way ms per interface."""
+        out = {}
+        if self.replica != 0:
+            return out
+        if not self.is_first:
+            prev = self.topology.rank(self.i - 1, 0)
+            self.transport.ping_pong(prev, (self.batch, *self.in_shape), initiator=False)
+        if not self.is_last:
+            nxt = self.topology.rank(self.i + 1, 0)
+            out[f"stage_{self.i}"] = self.transport.ping_pong(nxt, (self.batch, *self.out_shape), initiator=True)
+        return out
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self, start_step: int = 0) -> dict[str, float]:
+        """Run every global step from ``start_step`` to the end; returns totals."""
+        started = time.perf_counter()
+        for g in range(start_step, self.schedule.total_steps):
+            if self.topology.replica_for(self.i, g) == self.replica:
+                self._train_step(g)
+            self.step = g + 1
+            self._boundary(g)
+        self._drain()
+        self.transport.flush()
+        wall = time.perf_counter() - started
+        return {"wall_seconds": wall, "busy_seconds": wall - self.idle_total, "idle_seconds": self.idle_total}
+
+    def _train_step(self, g: int) -> None:
+        x, y = self._input(g)
+        # Backprop pipelines already send true gradients; rounds are for synthesizers.
+        true_round = self.schedule.is_true_round(g) and self.k > 1 and self.cfg.method != "backprop"
+        snapshot = copy.deepcopy(self.stage.module) if true_round and not self.is_first and not self.is_last else None
+        h = self.stage.forward(x)
+        synthetic = None
+        if self.is_last:
+            loss, target = self.stage.loss_backward(y)
+        else:
+            synthetic = self.stage.synthetic_gradient(y) if self.stage.synthesizer is not None else None
+            if synthetic is None:  # backprop through the pipeline: wait for the true gradient (locked)
+                target = self._locked_backward(g, h, y)
+            else:
+                target = self.stage.backward(synthetic)
+        self.stage.step()
+        if not self.is_first:
+            up = self.topology.rank_for(self.i - 1, g)
+            assert target is not None
+            self.transport.send(up, Tag.UP, Kind.TARGET, g, target)
+            if self.is_last and true_round:
+                self.transport.send(up, Tag.UP, Kind.TRUE, g, target)  # at the top, the target is true
+        if not self.is_last and synthetic is not None:
+            dst = self.topology.rank_for(self.i + 1, g)
+            self.transport.send(dst, Tag.DOWN, Kind.TRAIN, g, h, labels=y)
+            self.pending.append(Pending(g, h, y, time.perf_counter()))
+            if true_round:
+                self.true_rounds[g] = TrueRound(h, y, synthetic, snapshot, None if self.is_first else x)
+            while len(self.pending) >= self.cfg.runtime.max_in_flight:
+                self._receive_upstream()
+        self.window.steps += 1
+        if self.is_last:
+            self._report_loss(g, loss)
+
+    def _input(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_first:
+            return self._batch(g)
+        src = self.topology.rank_for(self.i - 1, g)
+        msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), labels=self.batch)
+        if msg.kind != Kind.TRAIN or msg.step != g:
+            raise RuntimeError(f"stage {self.i}: expected step {g} from rank {src}, got {msg.kind.name} {msg.step}")
+        assert msg.payload is not None and msg.labels is not None
+        return msg.payload, msg.labels.to(self.device)
+
+    def _batch(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``g`` of the training set, in the reference trainer's order."""
+        from dni.trainer import epoch_generator
+
+        train = self.data["train"]
+        epoch, j = divmod(g, self.schedule.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            perm = torch.randperm(len(train), generator=epoch_generator(self.cfg.seed, epoch))
+            self._perm = (epoch, perm.to(train.images.device))
+        idx = self._perm[1][j * self.batch : (j + 1) * self.batch]
+        return train.images.index_select(0, idx), train.labels.index_select(0, idx)
+
+    def _locked_backward(self, g: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Backprop through a pipeline without synthesizers: send h, wait for dL/dh."""
+        dst = self.topology.rank_for(self.i + 1, g)
+        self.transport.send(dst, Tag.DOWN, Kind.TRAIN, g, h, labels=y)
+        msg = self._recv(dst, Tag.UP, payload_shape=(self.batch, *self.out_shape))
+        if msg.kind != Kind.TARGET or msg.step != g:
+            raise RuntimeError(f"stage {self.i}: expected the gradient of step {g}, got {msg.kind.name} {msg.step}")
+        assert msg.payload is not None
+        return self.stage.backward(msg.payload)
+
+    # -- upstream messages ---------------------------------------------------------------------
+    def _receive_upstream(self) -> None:
+        """Take the next message from the stage above: a target or a true gradient."""
+        if self.pending:
+            src = self.topology.rank_for(self.i + 1, self.pending[0].step)
+        else:
+            src = self.topology.rank_for(self.i + 1, min(self.true_rounds))
+        msg = self._recv(src, Tag.UP, payload_shape=(self.batch, *self.out_shape))
+        assert msg.payload is not None
+        if msg.kind == Kind.TARGET:
+            self._on_target(msg)
+        elif msg.kind == Kind.TRUE:
+            self._on_true(msg.step, msg.payload)
+        else:
+            raise RuntimeError(f"stage {self.i}: unexpected {msg.kind.name} from above")
+
+    def _on_target(self, msg: Message) -> None:
+        item = self.pending.popleft()
+        if item.step != msg.step:
+            raise RuntimeError(f"stage {self.i}: target for step {msg.step} arrived, expected {item.step}")
+        staleness = self.stage.steps_done - 1 - self._local_index(item.step)
+        self.window.staleness.append(staleness)
+        if staleness > self.cfg.runtime.max_staleness:
+            self.window.dropped += 1
+            return
+        assert msg.payload is not None
+        self.window.synth_losses.append(self.stage.train_synthesizer(item.h, item.labels, msg.payload))
+
+    def _local_index(self, g: int) -> int:
+        """How many of this replica's steps came before global step ``g``."""
+        return g // self.topology.replicas[self.i]
+
+    def _on_true(self, g: int, true_grad: torch.Tensor) -> None:
+        """Level 2: measure the synthesizer, train it on the true target, pass the gradient down."""
+        tr = self.true_rounds.pop(g)
+        if self.keep_true and len(self.true_gradients) < self.keep_true:
+            self.true_gradients.append((g, true_grad.detach().cpu().clone()))
+        scalars: dict[str, float] = {}
+        if tr.synthetic is not None:
+            cos, rel = rules.gradient_agreement(tr.synthetic, true_grad)
+            scalars[f"sg/cosine/stage_{self.i}"], scalars[f"sg/rel_error/stage_{self.i}"] = cos, rel
+            scalars[f"sg/true_loss/stage_{self.i}"] = self.stage.train_synthesizer(tr.h, tr.labels, true_grad)
+        if tr.snapshot is not None and tr.stage_input is not None:
+            lam = self.cfg.sync.bp_lambda
+            grad_in = self._true_through_snapshot(tr, true_grad, lam)
+            self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.TRUE, g, grad_in)
+        self._record(g + 1, scalars)
+
+    def _true_through_snapshot(self, tr: TrueRound, true_grad: torch.Tensor, lam: float) -> torch.Tensor:
+        """dL/d input of the stage as it was at the batch's forward; with BP(lambda), also
+        apply a correction update of lambda x (true - synthetic) to the live stage."""
+        assert tr.snapshot is not None and tr.stage_input is not None
+        x = tr.stage_input.detach().requires_grad_()
+        out = tr.snapshot(x)
+        params = list(tr.snapshot.parameters())
+        if lam > 0 and tr.synthetic is not None:
+            grads = torch.autograd.grad(out, [x, *params], true_grad, retain_graph=True)
+            correction = torch.autograd.grad(out, params, lam * (true_grad - tr.synthetic))
+            for p, c in zip(self.stage.module.parameters(), correction):
+                p.grad = c
+            self.stage.optimizer.step()
+            self.stage.optimizer.zero_grad(set_to_none=True)
+            return grads[0]
+        (grad_in,) = torch.autograd.grad(out, [x], true_grad)
+        return grad_in
+
+    def _drain(self) -> None:
+        """Receive every outstanding target and true gradient."""
+        while self.pending or self.true_rounds:
+            self._receive_upstream()
+
+    # -- boundaries --------------------------------------------------------------------------------
+    def _boundary(self, g: int) -> None:
+        if self.schedule.syncs_replicas_after(g) and self.replica_group is not None:
+            self._average_replicas()
+        if self.schedule.evaluates_after(g) and self.replica == 0:
+            self._evaluate(g)
+        if (g + 1) % self.cfg.log.every == 0 or g + 1 == self.schedule.total_steps:
+            self._report_window(g)
+        if self.schedule.checkpoints_after(g):
+            self.saved = (g + 1, copy.deepcopy(self.stage.state_dict()))
+
+    def _average_replicas(self) -> None:
+        """Level 3: average parameters, buffers and synthesizer with the other replicas."""
+        tensors = [t for t in self.stage.module.state_dict().values() if t.is_floating_point()]
+        if self.stage.synthesizer is not None:
+            tensors += [t for t in self.stage.synthesizer.state_dict().values() if t.is_floating_point()]
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        start = time.perf_counter()
+        dist.all_reduce(flat, group=self.replica_group)
+        self._idle(time.perf_counter() - start)
+        flat /= self.topology.replicas[self.i]
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def _evaluate(self, g: int) -> None:
+        """Evaluation through the chain (replica 0 of each stage), in eval mode."""
+        self.stage.train(False)
+        try:
+            for split_id, split in enumerate(SPLITS):
+                self._evaluate_split(g, split_id, split)
+        finally:
+            self.stage.train(True)
+
+    def _evaluate_split(self, g: int, split_id: int, split: str) -> None:
+        src = self.topology.rank(self.i - 1, 0) if not self.is_first else None
+        dst = self.topology.rank(self.i + 1, 0) if not self.is_last else None
+        correct = total = 0
+        loss_sum = 0.0
+        for x, y in self._eval_batches(g, src, split_id, split):
+            with torch.no_grad():
+                h = self.stage.module(x)
+            if dst is not None:
+                self.transport.send(dst, Tag.DOWN, Kind.EVAL, g, h, labels=y, extra=split_id)
+            else:
+                keep = y >= 0  # padding rows carry label -1
+                loss_sum += F.cross_entropy(h[keep], y[keep], reduction="sum").item()
+                correct += (h[keep].argmax(1) == y[keep]).sum().item()
+                total += int(keep.sum())
+        if dst is not None:
+            self.transport.send(dst, Tag.DOWN, Kind.EVAL_END, g, None, labels=torch.zeros(self.batch), extra=split_id)
+        elif total:
+            self._record(g + 1, {f"{split}/accuracy": correct / total, f"{split}/loss": loss_sum / total})
+
+    def _eval_batches(self, g: int, src: int | None, split_id: int, split: str):
+        if src is None:  # stage 0: the data, padded to full batches
+            ds = self.data.get(split)
+            if ds is None or len(ds) == 0:
+                return
+            for start in range(0, len(ds), self.batch):
+                x, y = ds.images[start : start + self.batch], ds.labels[start : start + self.batch]
+                pad = self.batch - len(y)
+                if pad:
+                    x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+                    y = torch.cat([y, y.new_full((pad,), -1)])
+                yield x, y
+            return
+        while True:
+            msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), labels=self.batch)
+            if msg.kind == Kind.EVAL_END:
+                return
+            if msg.kind != Kind.EVAL or msg.extra != split_id:
+                raise RuntimeError(f"stage {self.i}: expected evaluation of {split}, got {msg.kind.name}")
+            assert msg.payload is not None and msg.labels is not None
+            yield msg.payload, msg.labels.to(self.device)
+
+    # -- messages and metrics -----------------------------------------------------------------------
+    def _recv(self, src: int, tag: Tag, **kwargs: Any) -> Message:
+        start = time.perf_counter()
+        msg = self.transport.recv(src, tag, **kwargs)
+        self._idle(time.perf_counter() - start)
+        return msg
+
+    def _idle(self, seconds: float) -> None:
+        self.window.idle += seconds
+        self.idle_total += seconds
+
+    def _report_loss(self, g: int, loss: float) -> None:
+        if (g + 1) % self.cfg.log.every == 0 or g + 1 == self.schedule.total_steps:
+            self._record(g + 1, {"train/loss": loss})
+
+    def _report_window(self, g: int) -> None:
+        w, now = self.window, time.perf_counter()
+        elapsed = now - w.start
+        tag = f"stage_{self.i}" + (f"_r{self.replica}" if self.topology.replicas[self.i] > 1 else "")
+        scalars = {
+            f"stage/busy_fraction/{tag}": 1.0 - w.idle / elapsed if elapsed > 0 else 0.0,
+            f"stage/idle_seconds/{tag}": w.idle,
+            f"stage/steps_per_second/{tag}": w.steps / elapsed if elapsed > 0 else 0.0,
+        }
+        if w.staleness:
+            scalars[f"stage/staleness/{tag}"] = sum(w.staleness) / len(w.staleness)
+            scalars[f"stage/staleness_max/{tag}"] = float(max(w.staleness))
+            scalars[f"stage/dropped_targets/{tag}"] = float(w.dropped)
+        if w.synth_losses:
+            scalars[f"sg/loss/{tag}"] = sum(w.synth_losses) / len(w.synth_losses)
+        if self.is_last:
+            scalars["train/samples_per_second"] = w.steps * self.batch * self.topology.replicas[self.i] / elapsed
+        self._record(g + 1, scalars)
+        self.window = Window(start=now)
+
+    def _record(self, step: int, scalars: dict[str, float]) -> None:
+        if scalars:
+            with self._lock:
+                self.metrics.append((step, scalars))
+
+    def drain_metrics(self) -> list[tuple[int, dict[str, float]]]:
+        """Metrics recorded since the last call (safe to call from another thread)."""
+        with self._lock:
+            out, self.metrics = self.metrics, []
+        return out
