@@ -49,3 +49,38 @@ def random_splits(n_train: int = 96, n_test: int = 48, shape: tuple[int, ...] = 
 
     empty = ArrayDataset(torch.zeros(0, *shape), torch.zeros(0, dtype=torch.int64), classes)
     return Splits(train=make(n_train), val=empty, test=make(n_test))
+
+
+@pytest.fixture(scope="session")
+def idx_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small learnable dataset on disk in the standard idx format (what workers load)."""
+    import numpy as np
+
+    from dni.data import write_idx
+
+    folder = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 640), ("t10k", 128)):
+        images = rng.integers(0, 256, size=(n, 8, 8), dtype=np.uint8)
+        means = images.reshape(n, 64).astype(np.float64)
+        labels = np.stack([means[:, i::3].mean(1) for i in range(3)], 1).argmax(1).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(folder)
+
+
+def runtime_config(idx_folder: str, **sections: dict) -> Config:
+    """A tiny config for the distributed runtime on the idx fixture (10 steps per epoch)."""
+    base = dict(
+        data={"name": "idx", "path": idx_folder, "val_size": 64},
+        model={"kind": "fcn", "depth": 2, "width": 16},
+        train={"epochs": 2, "batch_size": 64, "lr": 1e-2, "schedule": "constant"},
+        log={"every": 5, "grad_every": 0, "progress": False},
+        runtime={"timeout_s": 60, "poll_s": 0.2},
+    )
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return tiny_config(**base)

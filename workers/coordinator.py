@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,13 +22,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dni.checkpoint import save_checkpoint
 from dni.config import Config, RuntimeConfig
-from dni.data import load_dataset
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
-from dni.models import activation_shapes, build_stages
 from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
-from dni.trainer import Budget
 from workers.actor import StageActor
-from workers.schedule import Schedule, Topology
+from workers.plan import Plan, make_plan
 
 
 class PlacementError(RuntimeError):
@@ -94,34 +90,6 @@ def place(world: int, runtime: RuntimeConfig) -> Any:
     return pg
 
 
-@dataclass
-class Plan:
-    """What every worker must agree on, derived once from the config and the data."""
-
-    in_shape: tuple[int, ...]
-    shapes: list[tuple[int, ...]]
-    num_classes: int
-    topology: Topology
-    schedule: Schedule
-
-
-def make_plan(cfg: Config) -> Plan:
-    """Obtain the data (once, in the driver) and derive shapes, topology and schedule."""
-    splits = load_dataset(cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed,
-                          download=cfg.data.download)
-    in_shape = tuple(splits.train.images.shape[1:])
-    num_classes = splits.train.num_classes
-    shapes = activation_shapes(build_stages(cfg.model, in_shape, num_classes, seed=cfg.seed), in_shape)
-    budget = Budget.of(cfg, len(splits.train))
-    topology = Topology(tuple(cfg.replicas(i) for i in range(len(shapes))))
-    schedule = Schedule(
-        total_steps=budget.total_steps, steps_per_epoch=budget.steps_per_epoch, true_every=cfg.sync.true_every,
-        replica_every=cfg.sync.replica_every, checkpoint_every=cfg.checkpoint.every,
-        eval_every_epochs=cfg.train.eval_every,
-    )
-    return Plan(in_shape, shapes, num_classes, topology, schedule)
-
-
 class Coordinator:
     """Runs one training run on Ray (``backend: ray``).
 
@@ -151,11 +119,9 @@ class Coordinator:
         gpus = gpus_per_stage(rt)
         cfg_dict = self.cfg.to_dict()
         for rank in range(topo.world_size):
-            stage, replica = topo.place(rank)
             strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
-            actor = StageActor.options(num_cpus=rt.cpus_per_stage, num_gpus=gpus, scheduling_strategy=strategy,
-                                       name=None).remote(cfg_dict, stage, replica, rank, topo, self.plan.schedule,
-                                                         self.plan.in_shape, self.plan.shapes, self.plan.num_classes)
+            actor = StageActor.options(num_cpus=rt.cpus_per_stage, num_gpus=gpus, scheduling_strategy=strategy).remote(
+                cfg_dict, rank, self.plan)
             self.actors.append(actor)
         ip, port = self._get(self.actors[0].address.remote(), "report its address")
         self._get([a.connect.remote(f"tcp://{ip}:{port}") for a in self.actors], "connect the data plane")

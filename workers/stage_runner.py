@@ -74,6 +74,8 @@ class Window:
     staleness: list[int] = field(default_factory=list)
     dropped: int = 0
     synth_losses: list[float] = field(default_factory=list)
+    in_flight_max: int = 0
+    queued_max: int = 0
 
 
 class StageRunner:
@@ -88,6 +90,8 @@ class StageRunner:
             per-example output shape, and the number of classes.
         device: where this stage computes.
         data: train, val and test sets (needed by stage 0 only).
+        keep_true_gradients: diagnostics: keep the first this many level-2 true gradients
+            received (in ``true_gradients``), e.g. to check them against backprop.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class StageRunner:
         num_classes: int,
         device: torch.device,
         data: dict[str, ArrayDataset] | None = None,
+        keep_true_gradients: int = 0,
     ) -> None:
         self.cfg, self.i, self.replica = cfg, stage_index, replica
         self.topology, self.schedule, self.transport = topology, schedule, transport
@@ -130,8 +135,8 @@ class StageRunner:
         self.idle_total = 0.0
         self.step = 0  # global steps done (by all replicas: the schedule position)
         self.saved: tuple[int, dict[str, Any]] | None = None
-        self.true_gradients: list[tuple[int, torch.Tensor]] = []  # diagnostics: kept when keep_true > 0
-        self.keep_true = 0
+        self.true_gradients: list[tuple[int, torch.Tensor]] = []
+        self.keep_true = keep_true_gradients
         self._perm: tuple[int, torch.Tensor] | None = None
 
     # -- setup ------------------------------------------------------------------------
@@ -196,6 +201,8 @@ class StageRunner:
             dst = self.topology.rank_for(self.i + 1, g)
             self.transport.send(dst, Tag.DOWN, Kind.TRAIN, g, h, labels=y)
             self.pending.append(Pending(g, h, y, time.perf_counter()))
+            self.window.in_flight_max = max(self.window.in_flight_max, len(self.pending))
+            self.window.queued_max = max(self.window.queued_max, self.transport.queued)
             if true_round:
                 self.true_rounds[g] = TrueRound(h, y, synthetic, snapshot, None if self.is_first else x)
             while len(self.pending) >= self.cfg.runtime.max_in_flight:
@@ -409,6 +416,9 @@ class StageRunner:
             f"stage/idle_seconds/{tag}": w.idle,
             f"stage/steps_per_second/{tag}": w.steps / elapsed if elapsed > 0 else 0.0,
         }
+        if not self.is_last:
+            scalars[f"stage/in_flight_max/{tag}"] = float(w.in_flight_max)
+            scalars[f"stage/queued_sends_max/{tag}"] = float(w.queued_max)
         if w.staleness:
             scalars[f"stage/staleness/{tag}"] = sum(w.staleness) / len(w.staleness)
             scalars[f"stage/staleness_max/{tag}"] = float(max(w.staleness))

@@ -15,6 +15,7 @@ Ray: tests and the GPU check drive it from plain processes.
 from __future__ import annotations
 
 import datetime
+import socket
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -23,6 +24,14 @@ import torch
 import torch.distributed as dist
 
 HEADER = 4  # int64 words: kind, step, and two words whose meaning depends on the kind
+MAX_QUEUED = 64  # sends kept in flight before the oldest is waited for (bounds their memory)
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host now (for the process group to meet at)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 class Kind(IntEnum):
@@ -116,7 +125,11 @@ class Transport:
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def _reap(self) -> None:
-        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        # A gloo send is marked complete only once waited for, so the queue is bounded
+        # by waiting on its oldest entries; those were taken long ago in a moving pipeline.
+        while len(self._sends) > MAX_QUEUED:
+            work, _ = self._sends.pop(0)
+            work.wait()
 
     def flush(self) -> None:
         """Wait until every queued message has been taken by its receiver."""
@@ -126,8 +139,7 @@ class Transport:
 
     @property
     def queued(self) -> int:
-        """Sends not yet completed (bounded by the senders' in-flight limits)."""
-        self._reap()
+        """Sends not yet waited for (at most ``MAX_QUEUED``)."""
         return len(self._sends)
 
     # -- receiving ------------------------------------------------------------------

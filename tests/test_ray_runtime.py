@@ -1,0 +1,103 @@
+"""The Ray runtime on one small local cluster shared by the session.
+
+Logical resources may exceed physical ones, so the cluster claims 4 GPUs: one-stage-per-GPU
+placement is tested here without a GPU (workers still compute on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from conftest import runtime_config  # noqa: E402
+from dni.checkpoint import load_latest  # noqa: E402
+from dni.cli import main  # noqa: E402
+from dni.run import create_run_dir  # noqa: E402
+from dni.trainer import Trainer  # noqa: E402
+from workers.coordinator import Coordinator, PlacementError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if r.get("train/loss") is not None}
+
+
+def test_each_stage_gets_its_own_gpu_bundle(cluster, idx_folder: str, tmp_path: Path) -> None:
+    cfg = runtime_config(idx_folder, backend="ray", log={"dir": str(tmp_path)}, runtime={"gpus_per_stage": 1})
+    coord = Coordinator(cfg, create_run_dir(cfg))
+    try:
+        coord.start()
+        placed = ray.get([a.resources.remote() for a in coord.actors])
+    finally:
+        coord.shutdown()
+    gpu_ids = [tuple(p["gpu_ids"]) for p in placed]
+    assert len(placed) == 3 and all(len(g) == 1 for g in gpu_ids) and len(set(gpu_ids)) == 3
+
+
+def test_infeasible_placement_fails_fast_with_a_clear_message(cluster, idx_folder: str, tmp_path: Path) -> None:
+    cfg = runtime_config(idx_folder, backend="ray", log={"dir": str(tmp_path)}, runtime={"gpus_per_stage": 2})
+    started = time.monotonic()
+    with pytest.raises(PlacementError, match=r"needs 6 GPU \(3 stage workers x 2\) but the cluster has 4"):
+        Coordinator(cfg, create_run_dir(cfg)).start()
+    assert time.monotonic() - started < 10
+    spread = runtime_config(idx_folder, backend="ray", log={"dir": str(tmp_path)},
+                            runtime={"placement_strategy": "STRICT_SPREAD", "timeout_s": 2})
+    with pytest.raises(PlacementError, match="could not be placed within 2 s"):
+        Coordinator(spread, create_run_dir(spread)).start()
+
+
+def test_lock_step_runtime_reproduces_the_reference_trainer(cluster, idx_folder: str, tmp_path: Path) -> None:
+    sections = dict(log={"dir": str(tmp_path), "every": 1}, runtime={"max_in_flight": 1})
+    ray_cfg = runtime_config(idx_folder, backend="ray", **sections)
+    ray_dir = create_run_dir(ray_cfg)
+    summary = Coordinator(ray_cfg, ray_dir).run()
+    local_cfg = runtime_config(idx_folder, threads=1, **sections)  # as each worker: one thread, same sums
+    local_dir = create_run_dir(local_cfg)
+    threads = torch.get_num_threads()
+    try:
+        local = Trainer(local_cfg, local_dir).fit()
+    finally:
+        torch.set_num_threads(threads)
+    got, want = losses(ray_dir), losses(local_dir)
+    assert len(got) == len(want) == 18  # (640 - 64 held out) // 64 = 9 steps per epoch
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7)
+    assert summary["test_accuracy"] == pytest.approx(local["test_accuracy"])
+    state = load_latest(ray_dir / "checkpoints")
+    assert state["step"] == 18 and len(state["stages"]) == 3
+
+
+def test_dni_train_with_backend_ray_end_to_end(cluster, idx_folder: str, tmp_path: Path) -> None:
+    code = main(["train", str(Path(__file__).parents[1] / "configs" / "debug.yaml"), "backend=ray",
+                 f"data.name=idx", f"data.path={idx_folder}", "data.val_size=64", "train.batch_size=64",
+                 "train.epochs=3", "sync.true_every=4", "log.every=5", f"log.dir={tmp_path}", "--no-progress"])
+    assert code == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["backend"] == "ray" and summary["steps"] == 27
+    assert set(summary["busy_fraction"]) == {"stage_0", "stage_1", "stage_2"}
+    assert all(0 < v <= 1 for v in summary["busy_fraction"].values())
+    assert set(summary["hop_latency_ms"]) == {"stage_0", "stage_1"} and summary["bytes_sent"] > 0
+    assert 0 <= summary["test_accuracy"] <= 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for i in (0, 1):
+        assert {f"sg/cosine/stage_{i}", f"sg/rel_error/stage_{i}", f"sg/loss/stage_{i}",
+                f"stage/staleness/stage_{i}", f"stage/busy_fraction/stage_{i}"} <= tags
+    assert {"train/loss", "test/accuracy", "train/samples_per_second", "stage/busy_fraction/stage_2"} <= tags

@@ -1,0 +1,67 @@
+"""The stage workers and their data plane as plain processes (no Ray): level 2 and 3 sync, backpressure."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import runtime_config
+from dni.build import build_pipeline
+from dni.data import load_dataset
+from dni.trainer import epoch_generator
+from workers.process_launch import launch_processes
+from workers.transport import MAX_QUEUED
+
+
+def first_batch(cfg) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
+    splits = load_dataset(cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed, download=False)
+    idx = torch.randperm(len(splits.train), generator=epoch_generator(cfg.seed, 0))[: cfg.train.batch_size]
+    return splits.train.images[idx], splits.train.labels[idx], tuple(splits.train.images.shape[1:]), splits.train.num_classes
+
+
+def test_level_two_round_delivers_the_true_backprop_gradients(idx_folder: str) -> None:
+    cfg = runtime_config(idx_folder, model={"depth": 3}, sync={"true_every": 1}, runtime={"max_in_flight": 1},
+                         train={"max_steps": 2})
+    results = launch_processes(cfg, keep_true_gradients=1, timeout_s=120)
+    x, y, in_shape, classes = first_batch(cfg)
+    reference = build_pipeline(cfg, in_shape, classes, total_steps=2, device=torch.device("cpu"))
+    _, true_grads = reference.true_gradients(x, y)  # backprop at the initial parameters, on batch 0
+    assert len(true_grads) == 3
+    for stage, want in enumerate(true_grads):
+        (step, got), = results[stage]["true_gradients"]
+        assert step == 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    cosines = [m for r in results for _, m in r["metrics"] if any(k.startswith("sg/cosine/") for k in m)]
+    assert len(cosines) == 2 * 3  # every interface, at both true rounds
+
+
+def replica_states(results, topology_stage_ranks: list[int]) -> list[dict]:
+    return [results[r]["saved"][1]["module"] for r in topology_stage_ranks]
+
+
+def test_replicas_are_averaged_at_level_three_and_differ_without_it(idx_folder: str) -> None:
+    stages = [{"replicas": 2}, {"replicas": 1}, {"replicas": 1}]
+    synced = launch_processes(runtime_config(idx_folder, stages=stages, sync={"replica_every": 4},
+                                             train={"max_steps": 16}), timeout_s=120)
+    a, b = replica_states(synced, [0, 1])
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    apart = launch_processes(runtime_config(idx_folder, stages=stages, train={"max_steps": 16}), timeout_s=120)
+    a, b = replica_states(apart, [0, 1])
+    assert any(not torch.equal(a[n], b[n]) for n in a if a[n].is_floating_point())
+    # Each replica ran half of the steps.
+    assert synced[0]["saved"][1]["steps_done"] == synced[1]["saved"][1]["steps_done"] == 8
+
+
+def test_a_slow_stage_holds_the_others_back_with_bounded_buffers(idx_folder: str) -> None:
+    # Stage 1 holds three wide layers, stage 0 one narrow one: without backpressure stage 0 would run ahead.
+    cfg = runtime_config(idx_folder, model={"depth": 3, "width": 256, "boundaries": [1]},
+                         runtime={"max_in_flight": 3}, train={"epochs": 3}, log={"every": 5})
+    results = launch_processes(cfg, timeout_s=180)
+    metrics = {k: v for _, m in results[0]["metrics"] for k, v in m.items() if k.startswith("stage/")}
+    in_flight = [v for _, m in results[0]["metrics"] for k, v in m.items() if k.startswith("stage/in_flight_max/")]
+    queued = [v for _, m in results[0]["metrics"] for k, v in m.items() if k.startswith("stage/queued_sends_max/")]
+    staleness = [v for _, m in results[0]["metrics"] for k, v in m.items() if k.startswith("stage/staleness_max/")]
+    assert in_flight and max(in_flight) <= 3
+    assert max(staleness) <= 3
+    assert max(queued) <= MAX_QUEUED, metrics
+    assert results[0]["totals"]["idle_seconds"] > 0  # stage 0 really waited for stage 1
