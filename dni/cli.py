@@ -113,6 +113,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from workers.bench import run_bench  # Ray is imported only here
+
+    cfg = load_config(args.config, args.overrides)
+    command = " ".join(["dni bench", args.config, *args.overrides])
+    results = run_bench(cfg, command)
+    print((Path(cfg.bench.out) / f"{cfg.name}.md").read_text())
+    print(f"speedup_vs_backprop {results['speedup_vs_backprop']:.2f}x, speedup_vs_locked {results['speedup_vs_locked']:.2f}x")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from dni.data.mnist import obtain_mnist
 
@@ -153,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output folder (default: <log.dir>/compare-<config>-<time>)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     compare.set_defaults(func=cmd_compare)
+
+    bench = sub.add_parser(
+        "bench",
+        help="throughput: single-process backprop vs locked pipeline vs decoupled runtime",
+        description="Measure, side by side in one run, samples/s of single-process backprop (1 thread and all "
+        "cores), a locked pipeline on the same Ray workers, and the decoupled runtime; write "
+        "<bench.out>/<name>.json and .md.",
+    )
+    bench.add_argument("config", help="YAML config (see configs/bench/)")
+    bench.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    bench.set_defaults(func=cmd_bench)
 
     data = sub.add_parser("data", help="obtain a dataset", description="Obtain a dataset into a local folder.")
     data_sub = data.add_subparsers(dest="dataset", required=True)

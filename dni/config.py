@@ -107,6 +107,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_every: int = 1
     """Evaluate on validation and test every this many epochs (the last epoch always)."""
+    eval_steps: int = 0
+    """Also evaluate every this many steps (0: only at epoch ends), e.g. to time accuracy finely."""
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1 (got {self.epochs})")
@@ -120,6 +122,7 @@ class TrainConfig:
         _one_of(self.schedule, SCHEDULES, "train.schedule")
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0 (got {self.weight_decay})")
         _check(self.eval_every >= 1, "train.eval_every", f"must be >= 1 (got {self.eval_every})")
+        _check(self.eval_steps >= 0, "train.eval_steps", f"must be >= 0 (got {self.eval_steps})")
 
 
 @dataclass
@@ -254,6 +257,28 @@ class SyncConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``dni bench``: how many steps each contestant runs."""
+
+    steps: int = 40
+    """Steps measured per contestant, after the warm-up."""
+    warmup: int = 5
+    """Steps run first and not measured."""
+    out: str = "results/bench"
+    """Folder for <name>.json and <name>.md."""
+    race: bool = False
+    """Also race the decoupled runtime against single-process backprop (1 thread) over the whole
+    train budget, to ``target_accuracy``."""
+    target_accuracy: float = 0.97
+    """Test accuracy whose time (training seconds from the first step) the race compares."""
+
+    def validate(self) -> None:
+        _check(self.steps >= 2, "bench.steps", f"must be >= 2 (got {self.steps})")
+        _check(0 < self.target_accuracy <= 1, "bench.target_accuracy", f"must be in (0, 1] (got {self.target_accuracy})")
+        _check(self.warmup >= 0, "bench.warmup", f"must be >= 0 (got {self.warmup})")
+
+
+@dataclass
 class Config:
     """A whole run. See ``configs/`` for commented examples."""
 
@@ -278,6 +303,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     stages: list[StageSpec] = field(default_factory=list)
     """Per-stage runtime settings; empty: one replica each. Otherwise one entry per stage."""
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     def validate(self) -> "Config":
         """Check every field; returns self. Raises ConfigError naming the first bad key."""
@@ -286,7 +312,8 @@ class Config:
         _one_of(self.backend, BACKENDS, "backend")
         _one_of(self.device, DEVICES, "device")
         _check(self.threads >= 0, "threads", f"must be >= 0 (got {self.threads})")
-        for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync):
+        for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync,
+                        self.bench):
             section.validate()
         n = len(self.model.boundaries) + 1 if self.model.boundaries is not None else self.model.depth + 1
         _check(

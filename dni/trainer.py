@@ -19,6 +19,7 @@ from dni.build import build_pipeline
 from dni.checkpoint import load_latest, save_checkpoint
 from dni.config import Config
 from dni.data import Splits, iterate_batches, load_dataset
+from dni.schedule import EpochBatches, Schedule
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
 from dni.pipeline import Pipeline
 from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
@@ -31,12 +32,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda was asked for but torch sees no GPU; set device=cpu or device=auto")
     return torch.device(name)
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The shuffle stream of one epoch: a pure function of (seed, epoch), so a resumed
-    run replays the same order without storing iterator state."""
-    return torch.Generator().manual_seed(seed * 7919 + epoch)
 
 
 @dataclass
@@ -97,6 +92,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # wall seconds of the run so far, including earlier processes (resumed runs)
         self.step_seconds = 0.0  # of which inside training steps (no evaluation, logging or measurement)
+        self.eval_seconds = 0.0  # of which evaluating
         self.logger: MetricsLogger | None = None
         self.history: dict[str, list[tuple[int, float]]] = {}
 
@@ -107,6 +103,7 @@ class Trainer:
             "stages": [s.state_dict() for s in self.pipeline.stages],
             "elapsed": self.elapsed,
             "step_seconds": self.step_seconds,
+            "eval_seconds": self.eval_seconds,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -122,6 +119,7 @@ class Trainer:
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.step_seconds = float(state["step_seconds"])
+        self.eval_seconds = float(state["eval_seconds"])
         torch.set_rng_state(state["torch_rng"])
 
     def save(self) -> Path:
@@ -146,39 +144,30 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg, budget = self.cfg, self.budget
+        schedule = Schedule.of(cfg, budget.total_steps, budget.steps_per_epoch)
+        batches = EpochBatches(self.train_data, cfg.train.batch_size, cfg.seed)
         start = time.perf_counter() - self.elapsed
         window_start, window_steps = time.perf_counter(), 0
-        while self.step < budget.total_steps:
-            epoch, offset = divmod(self.step, budget.steps_per_epoch)
-            # Full batches only: a tiny last batch would give BatchNorm noisy statistics.
-            batches = iterate_batches(
-                self.train_data, cfg.train.batch_size, shuffle=True, generator=epoch_generator(cfg.seed, epoch), drop_last=True
-            )
-            for i, (x, y) in enumerate(batches):
-                if i < offset:
-                    continue  # resuming mid-epoch: skip what was trained already
-                if self.step >= budget.total_steps:
-                    break
-                scalars = self._train_step(x, y)
-                self.step += 1
-                window_steps += 1
-                measured = any(k.startswith("sg/cosine/") for k in scalars)
-                if measured or self.step % cfg.log.every == 0 or self.step == budget.total_steps:
-                    now = time.perf_counter()
-                    scalars["train/samples_per_second"] = window_steps * cfg.train.batch_size / (now - window_start)
-                    window_start, window_steps = now, 0
-                    self._log(scalars)
-                if self.progress is not None:
-                    self.progress(self.step, budget.total_steps, self.logger.latest if self.logger else {})
-                self.elapsed = time.perf_counter() - start
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
-            epoch_done = self.step % budget.steps_per_epoch == 0
-            last = self.step >= budget.total_steps
-            if last or (epoch_done and (self.step // budget.steps_per_epoch) % cfg.train.eval_every == 0):
+        for g in range(self.step, budget.total_steps):
+            scalars = self._train_step(*batches(g))
+            self.step = g + 1
+            window_steps += 1
+            measured = any(k.startswith("sg/cosine/") for k in scalars)
+            if measured or self.step % cfg.log.every == 0 or self.step == budget.total_steps:
+                now = time.perf_counter()
+                scalars["train/samples_per_second"] = window_steps * cfg.train.batch_size / (now - window_start)
+                window_start, window_steps = now, 0
+                self._log(scalars)
+            if self.progress is not None:
+                self.progress(self.step, budget.total_steps, self.logger.latest if self.logger else {})
+            if schedule.evaluates_after(g):
+                self._log({"time/train_seconds": time.perf_counter() - start - self.eval_seconds})
+                eval_start = time.perf_counter()
                 self._log(self._evaluate())
-        self.elapsed = time.perf_counter() - start
-        self.save()
+                self.eval_seconds += time.perf_counter() - eval_start
+            self.elapsed = time.perf_counter() - start
+            if schedule.checkpoints_after(g):
+                self.save()
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg

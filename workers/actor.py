@@ -39,7 +39,9 @@ class StageActor:
 
     def connect(self, init_method: str) -> None:
         """Join the process group and build the stage (all actors call this together)."""
-        self.runner = build_runner(self.cfg, self.plan, self.rank, init_method=init_method, device=self.device)
+        # Ray gives a worker whole GPUs of its own (CUDA_VISIBLE_DEVICES), or none.
+        self.runner = build_runner(self.cfg, self.plan, self.rank, init_method=init_method, device=self.device,
+                                   own_gpu=self.device.type == "cuda")
 
     def measure_hops(self) -> dict[str, float]:
         return self._runner().measure_hops()

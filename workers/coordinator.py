@@ -2,7 +2,7 @@
 
 It starts (or joins) Ray, reserves one placement bundle per stage worker, starts
 the actors, has them form their process group, and then stays off the per-step
-path: the workers follow the shared schedule (:mod:`workers.schedule`) for the
+path: the workers follow the shared schedule (:mod:`dni.schedule`, :mod:`workers.topology`) for the
 three levels of synchronisation, and the coordinator gathers their metrics into
 one run directory, writes checkpoints, and fails with a message, never a hang,
 when the cluster cannot hold the pipeline or a worker stops answering.

@@ -9,7 +9,8 @@ from dni.config import Config
 from dni.data import load_dataset
 from dni.models import activation_shapes, build_stages
 from dni.trainer import Budget
-from workers.schedule import Schedule, Topology
+from dni.schedule import Schedule
+from workers.topology import Topology
 
 if TYPE_CHECKING:
     import torch
@@ -37,23 +38,20 @@ def make_plan(cfg: Config) -> Plan:
     shapes = activation_shapes(build_stages(cfg.model, in_shape, num_classes, seed=cfg.seed), in_shape)
     budget = Budget.of(cfg, len(splits.train))
     topology = Topology(tuple(cfg.replicas(i) for i in range(len(shapes))))
-    schedule = Schedule(
-        total_steps=budget.total_steps, steps_per_epoch=budget.steps_per_epoch, true_every=cfg.sync.true_every,
-        replica_every=cfg.sync.replica_every, checkpoint_every=cfg.checkpoint.every,
-        eval_every_epochs=cfg.train.eval_every,
-    )
+    schedule = Schedule.of(cfg, budget.total_steps, budget.steps_per_epoch)
     return Plan(in_shape, shapes, num_classes, topology, schedule)
 
 
-def transport_backend(cfg: Config, device: "torch.device") -> str:
-    """gloo for CPU tensors, NCCL for GPU tensors, unless the config names one."""
+def transport_backend(cfg: Config, device: "torch.device", *, own_gpu: bool) -> str:
+    """The configured backend; ``auto`` is NCCL between workers that each own a GPU, else gloo
+    (CPU tensors, or GPU tensors staged through host memory when workers share a GPU)."""
     if cfg.runtime.transport != "auto":
         return cfg.runtime.transport
-    return "nccl" if device.type == "cuda" else "gloo"
+    return "nccl" if device.type == "cuda" and own_gpu else "gloo"
 
 
 def build_runner(cfg: Config, plan: Plan, rank: int, *, init_method: str, device: "torch.device",
-                 keep_true_gradients: int = 0) -> "StageRunner":
+                 own_gpu: bool = False, keep_true_gradients: int = 0) -> "StageRunner":
     """Connect rank ``rank`` to the data plane and build its stage runner.
 
     Every rank of the plan must call this at about the same time: the process
@@ -64,7 +62,7 @@ def build_runner(cfg: Config, plan: Plan, rank: int, *, init_method: str, device
 
     stage, replica = plan.topology.place(rank)
     transport = Transport(rank, plan.topology.world_size, init_method=init_method,
-                          backend=transport_backend(cfg, device), device=device, timeout_s=cfg.runtime.timeout_s)
+                          backend=transport_backend(cfg, device, own_gpu=own_gpu), device=device, timeout_s=cfg.runtime.timeout_s)
     data = None
     if stage == 0:
         splits = load_dataset(cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed, download=False)

@@ -35,7 +35,9 @@ def _worker(rank: int, cfg_dict: dict[str, Any], plan: Plan, init_method: str, u
         device = _device_for(rank, use_cuda)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        runner = build_runner(cfg, plan, rank, init_method=init_method, device=device, keep_true_gradients=keep_true)
+        own_gpu = device.type == "cuda" and torch.cuda.device_count() >= plan.topology.world_size
+        runner = build_runner(cfg, plan, rank, init_method=init_method, device=device, own_gpu=own_gpu,
+                              keep_true_gradients=keep_true)
         hops = runner.measure_hops()
         totals = runner.run()
         # Tensors go as bytes: a tensor shared through the queue would die with this process.

@@ -37,7 +37,8 @@ from dni.build import build_decoupled_stage
 from dni.config import Config
 from dni.data import ArrayDataset
 from dni.stage import DecoupledStage
-from workers.schedule import Schedule, Topology
+from dni.schedule import EpochBatches, Schedule
+from workers.topology import Topology
 from workers.transport import Kind, Message, Tag, Transport
 
 SPLITS = ("val", "test")
@@ -84,7 +85,7 @@ class StageRunner:
     Args:
         cfg: the run's config.
         stage_index, replica: which stage and which of its replicas.
-        topology, schedule: shared by all workers (see :mod:`workers.schedule`).
+        topology, schedule: shared by all workers (see :mod:`workers.topology`, :mod:`dni.schedule`).
         transport: the data plane, already connected.
         in_shape, shapes, num_classes: the model's input shape, every stage's
             per-example output shape, and the number of classes.
@@ -133,11 +134,13 @@ class StageRunner:
         self.window = Window()
         self.busy_total = 0.0
         self.idle_total = 0.0
+        self.eval_seconds = 0.0
+        self.run_started = time.perf_counter()
         self.step = 0  # global steps done (by all replicas: the schedule position)
         self.saved: tuple[int, dict[str, Any]] | None = None
         self.true_gradients: list[tuple[int, torch.Tensor]] = []
         self.keep_true = keep_true_gradients
-        self._perm: tuple[int, torch.Tensor] | None = None
+        self.batches = EpochBatches(self.data["train"], self.batch, cfg.seed) if self.is_first else None
 
     # -- setup ------------------------------------------------------------------------
     def make_groups(self) -> None:
@@ -164,7 +167,7 @@ class StageRunner:
     # -- the loop -----------------------------------------------------------------------
     def run(self, start_step: int = 0) -> dict[str, float]:
         """Run every global step from ``start_step`` to the end; returns totals."""
-        started = time.perf_counter()
+        started = self.run_started = time.perf_counter()
         for g in range(start_step, self.schedule.total_steps):
             if self.topology.replica_for(self.i, g) == self.replica:
                 self._train_step(g)
@@ -212,26 +215,14 @@ class StageRunner:
             self._report_loss(g, loss)
 
     def _input(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_first:
-            return self._batch(g)
+        if self.batches is not None:
+            return self.batches(g)
         src = self.topology.rank_for(self.i - 1, g)
         msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), labels=self.batch)
         if msg.kind != Kind.TRAIN or msg.step != g:
             raise RuntimeError(f"stage {self.i}: expected step {g} from rank {src}, got {msg.kind.name} {msg.step}")
         assert msg.payload is not None and msg.labels is not None
         return msg.payload, msg.labels.to(self.device)
-
-    def _batch(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``g`` of the training set, in the reference trainer's order."""
-        from dni.trainer import epoch_generator
-
-        train = self.data["train"]
-        epoch, j = divmod(g, self.schedule.steps_per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            perm = torch.randperm(len(train), generator=epoch_generator(self.cfg.seed, epoch))
-            self._perm = (epoch, perm.to(train.images.device))
-        idx = self._perm[1][j * self.batch : (j + 1) * self.batch]
-        return train.images.index_select(0, idx), train.labels.index_select(0, idx)
 
     def _locked_backward(self, g: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Backprop through a pipeline without synthesizers: send h, wait for dL/dh."""
@@ -343,12 +334,16 @@ class StageRunner:
 
     def _evaluate(self, g: int) -> None:
         """Evaluation through the chain (replica 0 of each stage), in eval mode."""
+        start = time.perf_counter()
+        if self.is_last:  # training time so far, from the first step, without evaluations
+            self._record(g + 1, {"time/train_seconds": start - self.run_started - self.eval_seconds})
         self.stage.train(False)
         try:
             for split_id, split in enumerate(SPLITS):
                 self._evaluate_split(g, split_id, split)
         finally:
             self.stage.train(True)
+            self.eval_seconds += time.perf_counter() - start
 
     def _evaluate_split(self, g: int, split_id: int, split: str) -> None:
         src = self.topology.rank(self.i - 1, 0) if not self.is_first else None

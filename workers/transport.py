@@ -83,6 +83,8 @@ class Transport:
         timeout_s: float = 120.0,
     ) -> None:
         self.rank, self.world_size, self.device, self.backend = rank, world_size, device, backend
+        # gloo moves CPU tensors only: GPU stages sharing a GPU (or without NCCL) stage through host memory.
+        self.wire = torch.device("cpu") if backend == "gloo" else device
         if not dist.is_initialized():
             dist.init_process_group(
                 backend,
@@ -114,9 +116,9 @@ class Transport:
         words = torch.tensor([int(kind), step, extra, 0], dtype=torch.int64)
         if labels is not None:
             words = torch.cat([words, labels.detach().to("cpu", torch.int64)])
-        self._isend(words.to(self.device), dst, tag)
+        self._isend(words.to(self.wire), dst, tag)
         if payload is not None:
-            self._isend(payload.detach().contiguous(), dst, tag)
+            self._isend(payload.detach().to(self.wire).contiguous(), dst, tag)
         self._reap()
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: Tag) -> None:
@@ -159,14 +161,15 @@ class Transport:
                 has one (None: expect no payload).
             labels: how many label words follow the header.
         """
-        words = torch.empty(HEADER + labels, dtype=torch.int64, device=self.device)
+        words = torch.empty(HEADER + labels, dtype=torch.int64, device=self.wire)
         self._recv_into(words, src, tag)
         kind, step, extra = Kind(int(words[0])), int(words[1]), int(words[2])
         payload = None
         if payload_shape is not None and kind not in (Kind.EVAL_END,):
-            payload = torch.empty(payload_shape, dtype=dtype, device=self.device)
+            payload = torch.empty(payload_shape, dtype=dtype, device=self.wire)
             self._recv_into(payload, src, tag)
-        lab = words[HEADER:].clone() if labels else None
+            payload = payload.to(self.device)
+        lab = words[HEADER:].to(self.device) if labels else None
         return Message(kind, step, extra, payload, lab)
 
     def _recv_into(self, tensor: torch.Tensor, src: int, tag: Tag) -> None:
@@ -179,7 +182,7 @@ class Transport:
 
         Both ends call it, one with ``initiator=True``.
         """
-        buf = torch.zeros(shape, device=self.device)
+        buf = torch.zeros(shape, device=self.wire)
         times = []
         for _ in range(rounds + 3):
             start = time.perf_counter()

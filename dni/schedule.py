@@ -1,0 +1,85 @@
+"""When things happen in a run, and which batch each step trains on: pure functions of the config.
+
+Both the single-process trainer and every distributed worker follow the same
+:class:`Schedule` and :class:`EpochBatches`, so they agree without talking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dni.data import ArrayDataset
+
+if TYPE_CHECKING:
+    from dni.config import Config
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffle stream of one epoch: a pure function of (seed, epoch), so a resumed
+    run, or another process, replays the same order without sharing state."""
+    return torch.Generator().manual_seed(seed * 7919 + epoch)
+
+
+class EpochBatches:
+    """Random access to the training batch of any global step.
+
+    Step g is batch g % steps_per_epoch of epoch g // steps_per_epoch, whose order is a
+    permutation drawn from :func:`epoch_generator`; the last partial batch is dropped
+    (a tiny batch would give BatchNorm noisy statistics).
+    """
+
+    def __init__(self, data: ArrayDataset, batch_size: int, seed: int) -> None:
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.steps_per_epoch = len(data) // batch_size
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            perm = torch.randperm(len(self.data), generator=epoch_generator(self.seed, epoch))
+            self._perm = (epoch, perm.to(self.data.images.device))
+        idx = self._perm[1][j * self.batch_size : (j + 1) * self.batch_size]
+        return self.data.images.index_select(0, idx), self.data.labels.index_select(0, idx)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the periodic actions happen, in global steps (0-based)."""
+
+    total_steps: int
+    steps_per_epoch: int
+    true_every: int = 0
+    replica_every: int = 0
+    checkpoint_every: int = 0
+    eval_every_epochs: int = 1
+    eval_every_steps: int = 0
+
+    @classmethod
+    def of(cls, cfg: "Config", total_steps: int, steps_per_epoch: int) -> "Schedule":
+        """The schedule of ``cfg`` for a budget of ``total_steps``."""
+        return cls(
+            total_steps=total_steps, steps_per_epoch=steps_per_epoch, true_every=cfg.sync.true_every,
+            replica_every=cfg.sync.replica_every, checkpoint_every=cfg.checkpoint.every,
+            eval_every_epochs=cfg.train.eval_every, eval_every_steps=cfg.train.eval_steps,
+        )
+
+    def is_true_round(self, step: int) -> bool:
+        """Level 2: the last step of every ``true_every`` gets a true gradient round."""
+        return self.true_every > 0 and (step + 1) % self.true_every == 0
+
+    def syncs_replicas_after(self, step: int) -> bool:
+        return self.replica_every > 0 and (step + 1) % self.replica_every == 0
+
+    def evaluates_after(self, step: int) -> bool:
+        last = step + 1 == self.total_steps
+        epoch_end = (step + 1) % self.steps_per_epoch == 0
+        if self.eval_every_steps and (step + 1) % self.eval_every_steps == 0:
+            return True
+        return last or (epoch_end and ((step + 1) // self.steps_per_epoch) % self.eval_every_epochs == 0)
+
+    def checkpoints_after(self, step: int) -> bool:
+        last = step + 1 == self.total_steps
+        return last or (self.checkpoint_every > 0 and (step + 1) % self.checkpoint_every == 0)
