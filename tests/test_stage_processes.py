@@ -66,3 +66,26 @@ def test_a_slow_stage_holds_the_others_back_with_bounded_buffers(idx_folder: str
     assert max(staleness) <= 3
     assert max(queued) <= MAX_QUEUED, metrics
     assert results[0]["totals"]["idle_seconds"] > 0  # stage 0 really waited for stage 1
+
+
+def test_bp_lambda_correction_moves_stage_zero_along_the_true_gradient(idx_folder: str) -> None:
+    # Two stages; at step 0 the zero-initialised synthesizer gives stage 0 a zero update, so
+    # any change of stage 0 comes from the level-2 BP(lambda) correction with the true gradient.
+    sections = dict(model={"depth": 1}, sync={"true_every": 1}, runtime={"max_in_flight": 1}, train={"max_steps": 1})
+    plain = launch_processes(runtime_config(idx_folder, **sections), timeout_s=120)
+    mixed = launch_processes(runtime_config(idx_folder, **{**sections, "sync": {"true_every": 1, "bp_lambda": 1.0}}),
+                             timeout_s=120)
+    cfg = runtime_config(idx_folder, **sections)
+    x, y, in_shape, classes = first_batch(cfg)
+    reference = build_pipeline(cfg, in_shape, classes, total_steps=1, device=torch.device("cpu"))
+    initial = reference.stages[0].module.state_dict()["0.1.weight"].clone()
+    out = reference.stages[1].module(reference.stages[0].module(x))
+    torch.nn.functional.cross_entropy(out, y).backward()
+    true_grad = reference.stages[0].module[0][1].weight.grad
+    unchanged = plain[0]["saved"][1]["module"]["0.1.weight"]
+    moved = mixed[0]["saved"][1]["module"]["0.1.weight"]
+    torch.testing.assert_close(unchanged, initial, rtol=0, atol=0)
+    delta = moved - initial
+    nonzero = true_grad.abs() > 1e-12
+    agree = (torch.sign(delta[nonzero]) == -torch.sign(true_grad[nonzero])).float().mean()
+    assert agree > 0.99

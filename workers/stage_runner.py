@@ -62,7 +62,8 @@ class TrueRound:
     labels: torch.Tensor
     synthetic: torch.Tensor | None
     snapshot: torch.nn.Module | None  # the stage as it was at this batch's forward
-    stage_input: torch.Tensor | None
+    stage_input: torch.Tensor | None  # the activation it received (None for stage 0)
+    batch_input: torch.Tensor | None = None  # stage 0's batch, when a BP(lambda) correction needs it
 
 
 @dataclass
@@ -175,6 +176,9 @@ class StageRunner:
             self._boundary(g)
         self._drain()
         self.transport.flush()
+        if self.saved is not None and self.saved[0] == self.schedule.total_steps:
+            # The final state includes what the drain trained (late targets, level-2 rounds).
+            self.saved = (self.saved[0], copy.deepcopy(self.stage.state_dict()))
         wall = time.perf_counter() - started
         return {"wall_seconds": wall, "busy_seconds": wall - self.idle_total, "idle_seconds": self.idle_total}
 
@@ -182,7 +186,10 @@ class StageRunner:
         x, y = self._input(g)
         # Backprop pipelines already send true gradients; rounds are for synthesizers.
         true_round = self.schedule.is_true_round(g) and self.k > 1 and self.cfg.method != "backprop"
-        snapshot = copy.deepcopy(self.stage.module) if true_round and not self.is_first and not self.is_last else None
+        # A snapshot of the stage as it is at this forward: to pass the true gradient further down,
+        # and for the BP(lambda) correction.
+        needs_snapshot = not self.is_last and (not self.is_first or self.cfg.sync.bp_lambda > 0)
+        snapshot = copy.deepcopy(self.stage.module) if true_round and needs_snapshot else None
         h = self.stage.forward(x)
         synthetic = None
         if self.is_last:
@@ -207,7 +214,8 @@ class StageRunner:
             self.window.in_flight_max = max(self.window.in_flight_max, len(self.pending))
             self.window.queued_max = max(self.window.queued_max, self.transport.queued)
             if true_round:
-                self.true_rounds[g] = TrueRound(h, y, synthetic, snapshot, None if self.is_first else x)
+                self.true_rounds[g] = TrueRound(h, y, synthetic, snapshot, None if self.is_first else x,
+                                                batch_input=x if self.is_first and snapshot is not None else None)
             while len(self.pending) >= self.cfg.runtime.max_in_flight:
                 self._receive_upstream()
         self.window.steps += 1
@@ -276,29 +284,37 @@ class StageRunner:
             cos, rel = rules.gradient_agreement(tr.synthetic, true_grad)
             scalars[f"sg/cosine/stage_{self.i}"], scalars[f"sg/rel_error/stage_{self.i}"] = cos, rel
             scalars[f"sg/true_loss/stage_{self.i}"] = self.stage.train_synthesizer(tr.h, tr.labels, true_grad)
-        if tr.snapshot is not None and tr.stage_input is not None:
-            lam = self.cfg.sync.bp_lambda
-            grad_in = self._true_through_snapshot(tr, true_grad, lam)
-            self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.TRUE, g, grad_in)
+        if tr.snapshot is not None:
+            grad_in = self._true_through_snapshot(tr, true_grad, self.cfg.sync.bp_lambda)
+            if grad_in is not None:
+                self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.TRUE, g, grad_in)
         self._record(g + 1, scalars)
 
-    def _true_through_snapshot(self, tr: TrueRound, true_grad: torch.Tensor, lam: float) -> torch.Tensor:
-        """dL/d input of the stage as it was at the batch's forward; with BP(lambda), also
-        apply a correction update of lambda x (true - synthetic) to the live stage."""
-        assert tr.snapshot is not None and tr.stage_input is not None
-        x = tr.stage_input.detach().requires_grad_()
-        out = tr.snapshot(x)
-        params = list(tr.snapshot.parameters())
+    def _true_through_snapshot(self, tr: TrueRound, true_grad: torch.Tensor, lam: float) -> torch.Tensor | None:
+        """dL/d input of the stage as it was at the batch's forward (None for stage 0); with
+        BP(lambda), also apply a correction update of lambda x (true - synthetic) to the live stage."""
+        assert tr.snapshot is not None
+        x = tr.stage_input.detach().requires_grad_() if tr.stage_input is not None else tr.h.new_empty(0)
+        out = tr.snapshot(x) if tr.stage_input is not None else None
+        grad_in = None
+        if out is not None:
+            (grad_in,) = torch.autograd.grad(out, [x], true_grad, retain_graph=lam > 0)
         if lam > 0 and tr.synthetic is not None:
-            grads = torch.autograd.grad(out, [x, *params], true_grad, retain_graph=True)
-            correction = torch.autograd.grad(out, params, lam * (true_grad - tr.synthetic))
-            for p, c in zip(self.stage.module.parameters(), correction):
-                p.grad = c
-            self.stage.optimizer.step()
-            self.stage.optimizer.zero_grad(set_to_none=True)
-            return grads[0]
-        (grad_in,) = torch.autograd.grad(out, [x], true_grad)
+            self._correct(tr, out, lam * (true_grad - tr.synthetic))
         return grad_in
+
+    def _correct(self, tr: TrueRound, out: torch.Tensor | None, grad: torch.Tensor) -> None:
+        """A delayed update of the live stage with the parameter gradient of ``grad`` at the
+        snapshot (the BP(lambda) correction of a level-2 round)."""
+        assert tr.snapshot is not None
+        if out is None:  # stage 0: its input is the batch, kept as the snapshot's forward input
+            out = tr.snapshot(tr.batch_input)
+        params = list(tr.snapshot.parameters())
+        correction = torch.autograd.grad(out, params, grad)
+        for p, c in zip(self.stage.module.parameters(), correction):
+            p.grad = c
+        self.stage.optimizer.step()
+        self.stage.optimizer.zero_grad(set_to_none=True)
 
     def _drain(self) -> None:
         """Receive every outstanding target and true gradient."""

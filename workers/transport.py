@@ -23,7 +23,7 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-HEADER = 4  # int64 words: kind, step, and two words whose meaning depends on the kind
+HEADER = 4  # int64 words: kind, step, a kind-specific word, and the number of labels that follow
 MAX_QUEUED = 64  # sends kept in flight before the oldest is waited for (bounds their memory)
 
 
@@ -85,7 +85,13 @@ class Transport:
         self.rank, self.world_size, self.device, self.backend = rank, world_size, device, backend
         # gloo moves CPU tensors only: GPU stages sharing a GPU (or without NCCL) stage through host memory.
         self.wire = torch.device("cpu") if backend == "gloo" else device
-        if not dist.is_initialized():
+        if dist.is_initialized():
+            if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+                raise RuntimeError(
+                    f"this process already belongs to a process group as rank {dist.get_rank()} of "
+                    f"{dist.get_world_size()}, not {rank} of {world_size}"
+                )
+        else:
             dist.init_process_group(
                 backend,
                 init_method=init_method,
@@ -113,7 +119,8 @@ class Transport:
 
         ``labels`` (int64, (B,)) travel inside the header so a message is two sends.
         """
-        words = torch.tensor([int(kind), step, extra, 0], dtype=torch.int64)
+        n_labels = 0 if labels is None else labels.numel()
+        words = torch.tensor([int(kind), step, extra, n_labels], dtype=torch.int64)
         if labels is not None:
             words = torch.cat([words, labels.detach().to("cpu", torch.int64)])
         self._isend(words.to(self.wire), dst, tag)
@@ -164,6 +171,11 @@ class Transport:
         words = torch.empty(HEADER + labels, dtype=torch.int64, device=self.wire)
         self._recv_into(words, src, tag)
         kind, step, extra = Kind(int(words[0])), int(words[1]), int(words[2])
+        if int(words[3]) != labels:
+            raise RuntimeError(
+                f"rank {self.rank}: a {kind.name} message from rank {src} carried {int(words[3])} labels, "
+                f"expected {labels}: the two stages disagree on the batch size"
+            )
         payload = None
         if payload_shape is not None and kind not in (Kind.EVAL_END,):
             payload = torch.empty(payload_shape, dtype=dtype, device=self.wire)
