@@ -15,7 +15,9 @@ Ray: tests and the GPU check drive it from plain processes.
 from __future__ import annotations
 
 import datetime
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 HEADER = 4  # int64 words: kind, step, a kind-specific word, and the number of labels that follow
-MAX_QUEUED = 64  # sends kept in flight before the oldest is waited for (bounds their memory)
+
 
 
 def free_port() -> int:
@@ -99,7 +101,13 @@ class Transport:
                 world_size=world_size,
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
-        self._sends: list[tuple[dist.Work, torch.Tensor]] = []  # keep tensors alive until sent
+        # gloo marks a send complete only once waited for. A reaper thread waits for sends
+        # in order and then drops their tensors; the stage loop never blocks on a send (a
+        # blocking wait there can deadlock two stages that are each waiting to be read).
+        self._sends: queue.Queue[tuple[dist.Work, torch.Tensor] | None] = queue.Queue()
+        self._send_error: BaseException | None = None
+        self._reaper = threading.Thread(target=self._reap, name=f"dni-send-reaper-{rank}", daemon=True)
+        self._reaper.start()
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -123,33 +131,44 @@ class Transport:
         words = torch.tensor([int(kind), step, extra, n_labels], dtype=torch.int64)
         if labels is not None:
             words = torch.cat([words, labels.detach().to("cpu", torch.int64)])
+        if self._send_error is not None:
+            raise RuntimeError(f"rank {self.rank}: an earlier send failed: {self._send_error}")
         self._isend(words.to(self.wire), dst, tag)
         if payload is not None:
             self._isend(payload.detach().to(self.wire).contiguous(), dst, tag)
-        self._reap()
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: Tag) -> None:
         work = dist.isend(tensor, dst=dst, tag=int(tag))
-        self._sends.append((work, tensor))
+        self._sends.put((work, tensor))
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def _reap(self) -> None:
-        # A gloo send is marked complete only once waited for, so the queue is bounded
-        # by waiting on its oldest entries; those were taken long ago in a moving pipeline.
-        while len(self._sends) > MAX_QUEUED:
-            work, _ = self._sends.pop(0)
-            work.wait()
+        while True:
+            item = self._sends.get()
+            try:
+                if item is None:
+                    return
+                if self._send_error is None:
+                    item[0].wait()
+            except BaseException as e:  # a peer died: reported by the next send or flush
+                self._send_error = e
+            finally:
+                self._sends.task_done()
 
     def flush(self) -> None:
-        """Wait until every queued message has been taken by its receiver."""
-        for work, _ in self._sends:
-            work.wait()
-        self._sends.clear()
+        """Wait until every queued message has been taken by its receiver.
+
+        Raises:
+            RuntimeError: a send failed (its receiver died).
+        """
+        self._sends.join()
+        if self._send_error is not None:
+            raise RuntimeError(f"rank {self.rank}: a send failed: {self._send_error}")
 
     @property
     def queued(self) -> int:
-        """Sends not yet waited for (at most ``MAX_QUEUED``)."""
-        return len(self._sends)
+        """Sends not yet taken by their receivers (bounded by the stages' in-flight limits)."""
+        return self._sends.qsize()
 
     # -- receiving ------------------------------------------------------------------
     def recv(
@@ -216,5 +235,7 @@ class Transport:
         try:
             self.flush()
         finally:
+            self._sends.put(None)
+            self._reaper.join(timeout=5)
             if dist.is_initialized():
                 dist.destroy_process_group()

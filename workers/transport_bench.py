@@ -150,7 +150,7 @@ def _message_round_trip(
 
     With ``flush``, each end waits on its queued sends after every round trip (they
     have been received by then, so the wait itself is short); without it, sends stay
-    queued in the Transport (up to its ``MAX_QUEUED``) as they do in a stage.
+    queued in the Transport until their receiver takes them, as they do in a stage.
     """
     activation = torch.randn(shape)  # (B, features)
     labels = torch.randint(0, 10, (shape[0],))  # (B,)
