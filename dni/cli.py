@@ -7,7 +7,6 @@ Errors in what the user gave (config, data, checkpoint, device) print one line,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -82,7 +82,7 @@ def test_lock_step_runtime_reproduces_the_reference_trainer(cluster, idx_folder:
 
 def test_dni_train_with_backend_ray_end_to_end(cluster, idx_folder: str, tmp_path: Path) -> None:
     code = main(["train", str(Path(__file__).parents[1] / "configs" / "debug.yaml"), "backend=ray",
-                 f"data.name=idx", f"data.path={idx_folder}", "data.val_size=64", "train.batch_size=64",
+                 "data.name=idx", f"data.path={idx_folder}", "data.val_size=64", "train.batch_size=64",
                  "train.epochs=3", "sync.true_every=4", "log.every=5", f"log.dir={tmp_path}", "--no-progress"])
     assert code == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]

@@ -25,7 +25,7 @@ from dni.config import Config, RuntimeConfig
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
 from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
 from workers.actor import StageActor
-from workers.plan import Plan, make_plan
+from workers.plan import make_plan
 
 
 class PlacementError(RuntimeError):

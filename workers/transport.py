@@ -36,6 +36,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def round_trip(buf: torch.Tensor, peer: int, *, initiator: bool) -> None:
+    """``buf`` to ``peer`` and back (or back and to, for the other end) on the PING tag."""
+    if initiator:
+        dist.send(buf, dst=peer, tag=int(Tag.PING))
+        dist.recv(buf, src=peer, tag=int(Tag.PING))
+    else:
+        dist.recv(buf, src=peer, tag=int(Tag.PING))
+        dist.send(buf, dst=peer, tag=int(Tag.PING))
+
+
 class Kind(IntEnum):
     """What a message carries."""
 
@@ -217,12 +227,7 @@ class Transport:
         times = []
         for _ in range(rounds + 3):
             start = time.perf_counter()
-            if initiator:
-                dist.send(buf, dst=peer, tag=int(Tag.PING))
-                dist.recv(buf, src=peer, tag=int(Tag.PING))
-            else:
-                dist.recv(buf, src=peer, tag=int(Tag.PING))
-                dist.send(buf, dst=peer, tag=int(Tag.PING))
+            round_trip(buf, peer, initiator=initiator)
             times.append((time.perf_counter() - start) * 1000 / 2)
         times = sorted(times[3:])  # the first round trips set up connections
         return times[len(times) // 2]

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from workers.transport import HEADER, Kind, Tag, Transport, free_port
+from workers.transport import HEADER, Kind, Tag, Transport, free_port, round_trip
 
 Shape = tuple[int, ...]
 
@@ -132,15 +131,7 @@ def message_bytes(shape: Shape) -> int:
 def _tensor_round_trip(buf: torch.Tensor, peer: int, initiator: bool) -> Callable[[], None]:
     """A bare tensor there and back on Tag.PING, as :meth:`Transport.ping_pong` does it."""
 
-    def round_trip() -> None:
-        if initiator:
-            dist.send(buf, dst=peer, tag=int(Tag.PING))
-            dist.recv(buf, src=peer, tag=int(Tag.PING))
-        else:
-            dist.recv(buf, src=peer, tag=int(Tag.PING))
-            dist.send(buf, dst=peer, tag=int(Tag.PING))
-
-    return round_trip
+    return lambda: round_trip(buf, peer, initiator=initiator)
 
 
 def _message_round_trip(
