@@ -171,7 +171,7 @@ def race(cfg: Config, log_dir: str) -> dict[str, Any]:
 
 def run_bench(cfg: Config, command: str) -> dict[str, Any]:
     """Measure every contestant, write ``<bench.out>/<name>.json`` and ``.md``; return the figures."""
-    cfg.data.path = str(Path(cfg.data.path).resolve())
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
     results: dict[str, Any] = {"name": cfg.name, "environment": environment(), "config": cfg.to_dict()}
     results["single_process_1_thread"] = single_process(cfg, threads=1)
     results["single_process_all_cores"] = single_process(cfg, threads=os.cpu_count() or 1)

@@ -10,6 +10,7 @@ when the cluster cannot hold the pipeline or a worker stops answering.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -100,7 +101,8 @@ class Coordinator:
     """
 
     def __init__(self, cfg: Config, run_dir: Path, *, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> None:
-        cfg.data.path = str(Path(cfg.data.path).resolve())  # workers may start elsewhere
+        # Workers may start in another folder: they get the data path resolved here.
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.plan = make_plan(cfg)
         self.actors: list[Any] = []
