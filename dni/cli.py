@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from dni.checkpoint import CheckpointError
 from dni.config import METHODS, Config, ConfigError, load_config
 from dni.data import DataError
+from dni.run import RunError
 
 USAGE_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -207,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FloatingPointError) as e:
         print(f"dni: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"dni: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dni: interrupted; resume with `dni train --resume RUN_DIR`", file=sys.stderr)
         return 130

@@ -23,6 +23,12 @@ import yaml
 from dni.config import Config, ConfigError, config_from_dict, read_yaml
 
 CONFIG_FILE = "config.yaml"
+
+
+class RunError(RuntimeError):
+    """A run stopped for a reason outside its config (a worker died, the cluster cannot hold
+    the pipeline); the message says what happened and what was saved."""
+
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"

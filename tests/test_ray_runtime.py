@@ -20,7 +20,7 @@ from dni.checkpoint import load_latest  # noqa: E402
 from dni.cli import main  # noqa: E402
 from dni.run import create_run_dir  # noqa: E402
 from dni.trainer import Trainer  # noqa: E402
-from workers.coordinator import Coordinator, PlacementError  # noqa: E402
+from workers.coordinator import Coordinator, PlacementError, WorkerError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,21 @@ def test_dni_train_with_backend_ray_end_to_end(cluster, idx_folder: str, tmp_pat
         assert {f"sg/cosine/stage_{i}", f"sg/rel_error/stage_{i}", f"sg/loss/stage_{i}",
                 f"stage/staleness/stage_{i}", f"stage/busy_fraction/stage_{i}"} <= tags
     assert {"train/loss", "test/accuracy", "train/samples_per_second", "stage/busy_fraction/stage_2"} <= tags
+
+
+def test_a_dead_stage_worker_stops_the_run_with_a_clear_message(cluster, idx_folder: str, tmp_path: Path) -> None:
+    cfg = runtime_config(idx_folder, backend="ray", log={"dir": str(tmp_path), "every": 2},
+                         train={"epochs": 40}, checkpoint={"every": 9}, runtime={"poll_s": 0.1, "timeout_s": 30})
+    run_dir = create_run_dir(cfg)
+    coord: Coordinator
+
+    def kill_stage_one(step: int, total: int, latest: dict) -> None:
+        if step >= 20 and coord.actors:
+            ray.kill(coord.actors[1])  # as if its process died
+
+    coord = Coordinator(cfg, run_dir, progress=kill_stage_one)
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"stage worker 1 \(stage 1, replica 0\) failed.*: .*last checkpoint is step \d+"):
+        coord.run()
+    assert time.monotonic() - started < 60  # noticed by the coordinator, not by a data-plane timeout
+    assert load_latest(run_dir / "checkpoints")["step"] >= 9  # what was saved is still there

@@ -24,13 +24,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dni.checkpoint import save_checkpoint
 from dni.config import Config, RuntimeConfig
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
-from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
+from dni.run import CHECKPOINTS, METRICS_FILE, RunError, write_summary
 from workers.actor import StageActor
 from workers.plan import make_plan
 
 
-class PlacementError(RuntimeError):
+class PlacementError(RunError):
     """The cluster cannot hold the pipeline as configured; the message says what is missing."""
+
+
+class WorkerError(RunError):
+    """A stage worker died or stopped answering; the message names it and the last checkpoint."""
 
 
 def ensure_ray(runtime: RuntimeConfig, *, cpus_needed: float) -> bool:
@@ -167,10 +171,26 @@ class Coordinator:
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=self.cfg.runtime.poll_s)
             for ref in done:
-                ray.get(ref)  # raises at once if that worker failed
+                self._check_worker(futures.index(ref), ref)  # raises at once if that worker failed
             self._gather()
             self._checkpoint(final=False)
         return ray.get(futures)
+
+    def _check_worker(self, rank: int, ref: Any) -> None:
+        try:
+            ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            raise self._worker_error(f"stage worker {self._describe(rank)} failed", e) from None
+
+    def _describe(self, rank: int) -> str:
+        stage, replica = self.plan.topology.place(rank)
+        return f"{rank} (stage {stage}, replica {replica})"
+
+    def _worker_error(self, what: str, cause: BaseException) -> WorkerError:
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        saved = (f"the last checkpoint is step {self.last_checkpoint} in {self.run_dir / CHECKPOINTS}"
+                 if self.last_checkpoint else "no checkpoint had been written yet")
+        return WorkerError(f"{what}: {first_line}; {saved}")
 
     def _gather(self) -> None:
         assert self.logger is not None
@@ -207,9 +227,21 @@ class Coordinator:
         try:
             return ray.get(refs, timeout=self.cfg.runtime.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"stage workers did not {what} within runtime.timeout_s={self.cfg.runtime.timeout_s:g} s"
+            raise self._worker_error(
+                f"stage workers did not {what} within runtime.timeout_s={self.cfg.runtime.timeout_s:g} s",
+                TimeoutError("timed out"),
             ) from None
+        except ray.exceptions.RayActorError as e:
+            rank = self._rank_of(getattr(e, "actor_id", None))
+            who = f"stage worker {self._describe(rank)}" if rank is not None else "a stage worker"
+            raise self._worker_error(f"{who} failed (found while asked to {what})", e) from None
+
+    def _rank_of(self, actor_id: str | None) -> int | None:
+        """The rank of the actor with this id (as Ray's errors give it), if it is one of ours."""
+        for rank, actor in enumerate(self.actors):
+            if actor_id is not None and actor._actor_id.hex() == actor_id:
+                return rank
+        return None
 
     def _summary(self, totals: list[dict[str, float]], wall: float, setup: float) -> dict[str, Any]:
         assert self.logger is not None
