@@ -445,3 +445,13 @@ def test_array_dataset_validates() -> None:
         ArrayDataset(images.double(), torch.tensor([0, 1]), 2)
     ds = ArrayDataset(images, torch.tensor([0, 1]), 2)
     assert len(ds) == 2 and ds.input_shape == (1, 2, 2)
+
+
+def test_padded_batches_pad_the_last_batch_with_ignored_labels() -> None:
+    from dni.data import padded_batches
+
+    ds = make_dataset(5)
+    batches = list(padded_batches(ds, 2))
+    assert [tuple(x.shape) for x, _ in batches] == [(2, 1, 2, 2)] * 3
+    assert batches[-1][1].tolist() == [ds.labels[4].item(), -1]
+    assert torch.equal(batches[-1][0][1], torch.zeros(1, 2, 2))

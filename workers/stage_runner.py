@@ -29,17 +29,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from dni import rules
 from dni.build import build_decoupled_stage
 from dni.config import Config
-from dni.data import ArrayDataset
+from dni.data import ArrayDataset, padded_batches
 from dni.stage import DecoupledStage
 from dni.schedule import EpochBatches, Schedule
 from workers.topology import Topology
+from workers.replicas import average_replicas
 from workers.transport import Kind, Message, Tag, Transport
+from workers.true_round import TrueRound, pass_true_gradient
 
 SPLITS = ("val", "test")
 
@@ -52,18 +53,6 @@ class Pending:
     h: torch.Tensor
     labels: torch.Tensor
     sent_at: float
-
-
-@dataclass
-class TrueRound:
-    """What a stage keeps of a level-2 batch until its true gradient arrives."""
-
-    h: torch.Tensor
-    labels: torch.Tensor
-    synthetic: torch.Tensor | None
-    snapshot: torch.nn.Module | None  # the stage as it was at this batch's forward
-    stage_input: torch.Tensor | None  # the activation it received (None for stage 0)
-    batch_input: torch.Tensor | None = None  # stage 0's batch, when a BP(lambda) correction needs it
 
 
 @dataclass
@@ -285,36 +274,10 @@ class StageRunner:
             scalars[f"sg/cosine/stage_{self.i}"], scalars[f"sg/rel_error/stage_{self.i}"] = cos, rel
             scalars[f"sg/true_loss/stage_{self.i}"] = self.stage.train_synthesizer(tr.h, tr.labels, true_grad)
         if tr.snapshot is not None:
-            grad_in = self._true_through_snapshot(tr, true_grad, self.cfg.sync.bp_lambda)
+            grad_in = pass_true_gradient(self.stage, tr, true_grad, self.cfg.sync.bp_lambda)
             if grad_in is not None:
                 self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.TRUE, g, grad_in)
         self._record(g + 1, scalars)
-
-    def _true_through_snapshot(self, tr: TrueRound, true_grad: torch.Tensor, lam: float) -> torch.Tensor | None:
-        """dL/d input of the stage as it was at the batch's forward (None for stage 0); with
-        BP(lambda), also apply a correction update of lambda x (true - synthetic) to the live stage."""
-        assert tr.snapshot is not None
-        x = tr.stage_input.detach().requires_grad_() if tr.stage_input is not None else tr.h.new_empty(0)
-        out = tr.snapshot(x) if tr.stage_input is not None else None
-        grad_in = None
-        if out is not None:
-            (grad_in,) = torch.autograd.grad(out, [x], true_grad, retain_graph=lam > 0)
-        if lam > 0 and tr.synthetic is not None:
-            self._correct(tr, out, lam * (true_grad - tr.synthetic))
-        return grad_in
-
-    def _correct(self, tr: TrueRound, out: torch.Tensor | None, grad: torch.Tensor) -> None:
-        """A delayed update of the live stage with the parameter gradient of ``grad`` at the
-        snapshot (the BP(lambda) correction of a level-2 round)."""
-        assert tr.snapshot is not None
-        if out is None:  # stage 0: its input is the batch, kept as the snapshot's forward input
-            out = tr.snapshot(tr.batch_input)
-        params = list(tr.snapshot.parameters())
-        correction = torch.autograd.grad(out, params, grad)
-        for p, c in zip(self.stage.module.parameters(), correction):
-            p.grad = c
-        self.stage.optimizer.step()
-        self.stage.optimizer.zero_grad(set_to_none=True)
 
     def _drain(self) -> None:
         """Receive every outstanding target and true gradient."""
@@ -334,19 +297,9 @@ class StageRunner:
 
     def _average_replicas(self) -> None:
         """Level 3: average parameters, buffers and synthesizer with the other replicas."""
-        tensors = [t for t in self.stage.module.state_dict().values() if t.is_floating_point()]
-        if self.stage.synthesizer is not None:
-            tensors += [t for t in self.stage.synthesizer.state_dict().values() if t.is_floating_point()]
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
         start = time.perf_counter()
-        dist.all_reduce(flat, group=self.replica_group)
+        average_replicas(self.stage, self.replica_group, self.topology.replicas[self.i])
         self._idle(time.perf_counter() - start)
-        flat /= self.topology.replicas[self.i]
-        offset = 0
-        with torch.no_grad():
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
 
     def _evaluate(self, g: int) -> None:
         """Evaluation through the chain (replica 0 of each stage), in eval mode."""
@@ -382,17 +335,10 @@ class StageRunner:
             self._record(g + 1, {f"{split}/accuracy": correct / total, f"{split}/loss": loss_sum / total})
 
     def _eval_batches(self, g: int, src: int | None, split_id: int, split: str):
-        if src is None:  # stage 0: the data, padded to full batches
+        if src is None:  # stage 0: the data, padded to full batches (messages have one shape)
             ds = self.data.get(split)
-            if ds is None or len(ds) == 0:
-                return
-            for start in range(0, len(ds), self.batch):
-                x, y = ds.images[start : start + self.batch], ds.labels[start : start + self.batch]
-                pad = self.batch - len(y)
-                if pad:
-                    x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-                    y = torch.cat([y, y.new_full((pad,), -1)])
-                yield x, y
+            if ds is not None:
+                yield from padded_batches(ds, self.batch)
             return
         while True:
             msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), labels=self.batch)

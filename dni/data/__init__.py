@@ -13,6 +13,7 @@ from dni.data.dataset import (
     Splits,
     iterate_batches,
     load_dataset,
+    padded_batches,
     split_validation,
 )
 from dni.data.idx import load_idx_folder, read_idx, write_idx
@@ -30,6 +31,7 @@ __all__ = [
     "load_idx_folder",
     "load_mnist",
     "obtain_mnist",
+    "padded_batches",
     "read_idx",
     "split_validation",
     "write_idx",

@@ -208,6 +208,18 @@ def _batches(
             yield ds.images.index_select(0, idx), ds.labels.index_select(0, idx)
 
 
+def padded_batches(ds: ArrayDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``ds`` in order, in full batches: the last one padded with zero images labelled -1
+    (to be ignored), so every batch has the same shape."""
+    for start in range(0, len(ds), batch_size):
+        x, y = ds.images[start : start + batch_size], ds.labels[start : start + batch_size]
+        pad = batch_size - len(y)
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+            y = torch.cat([y, y.new_full((pad,), -1)])
+        yield x, y
+
+
 def load_dataset(
     name: str,
     path: str | Path,
