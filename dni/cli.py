@@ -124,6 +124,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def tensorboard_argv(run_dirs: list[str], *, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The TensorBoard command for ``run_dirs``: one run each, named by its folder, bound to
+    ``host`` (localhost unless asked: TensorBoard has no authentication)."""
+    for d in run_dirs:
+        if not Path(d).is_dir():
+            raise ConfigError(f"{d}: no such run directory")
+    spec = ",".join(f"{Path(d).name}:{d}" for d in run_dirs)
+    return [sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec, "--host", host, "--port", str(port)]
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    import subprocess
+
+    argv = tensorboard_argv(args.run_dirs, port=args.port, host=args.host)
+    print(f"TensorBoard on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+    return subprocess.call(argv)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from dni.data.mnist import obtain_mnist
 
@@ -175,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("config", help="YAML config (see configs/bench/)")
     bench.add_argument("overrides", nargs="*", help="section.key=value overrides")
     bench.set_defaults(func=cmd_bench)
+
+    board = sub.add_parser(
+        "tensorboard",
+        help="show runs in TensorBoard, side by side (hparams included)",
+        description="Start TensorBoard on one or more run directories, bound to 127.0.0.1 unless --host says otherwise.",
+    )
+    board.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<name>-<time>)")
+    board.add_argument("--port", type=int, default=6006, help="default: %(default)s")
+    board.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    board.set_defaults(func=cmd_tensorboard)
 
     data = sub.add_parser("data", help="obtain a dataset", description="Obtain a dataset into a local folder.")
     data_sub = data.add_subparsers(dest="dataset", required=True)

@@ -68,3 +68,28 @@ def test_missing_data_without_download_says_what_to_run(tmp_path: Path, capsys: 
 def test_resume_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_dni_tensorboard_binds_localhost_and_names_each_run(tmp_path: Path) -> None:
+    from dni.cli import tensorboard_argv
+
+    a, b = tmp_path / "exp-a", tmp_path / "exp-b"
+    a.mkdir(), b.mkdir()
+    argv = tensorboard_argv([str(a), str(b)], port=7007)
+    assert argv[1:3] == ["-m", "tensorboard.main"]
+    assert argv[argv.index("--logdir_spec") + 1] == f"exp-a:{a},exp-b:{b}"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "7007"
+    assert main(["tensorboard", str(tmp_path / "missing")]) == 2
+
+
+def test_runs_record_hparams_for_side_by_side_comparison(mnist: Path, tmp_path: Path) -> None:
+    assert main(["train", str(ROOT / "configs" / "debug.yaml"), f"log.dir={tmp_path}", f"data.path={mnist}",
+                 "train.max_steps=5", "--no-progress"]) == 0
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(only_run(tmp_path)))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["method"].string_value == "cdni" and hparams["train.batch_size"].number_value == 128
