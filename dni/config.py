@@ -24,6 +24,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRANSPORTS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine", "step")
+NONFINITE_POLICIES = ("stop", "skip", "reset")
 
 
 class ConfigError(ValueError):
@@ -109,6 +110,9 @@ class TrainConfig:
     """Evaluate on validation and test every this many epochs (the last epoch always)."""
     eval_steps: int = 0
     """Also evaluate every this many steps (0: only at epoch ends), e.g. to time accuracy finely."""
+    nonfinite: str = "stop"
+    """A NaN/inf in an activation, synthetic gradient, loss or target: stop (with a checkpoint),
+    skip (the batch), or reset (the synthesizer at fault, then skip). Ray backend: always stop."""
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1 (got {self.epochs})")
@@ -123,6 +127,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0 (got {self.weight_decay})")
         _check(self.eval_every >= 1, "train.eval_every", f"must be >= 1 (got {self.eval_every})")
         _check(self.eval_steps >= 0, "train.eval_steps", f"must be >= 0 (got {self.eval_steps})")
+        _one_of(self.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
 
 
 @dataclass

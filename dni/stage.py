@@ -19,7 +19,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from dni import rules
-from dni.synthesizer import Synthesizer
+from dni.run import RunError
+from dni.synthesizer import Synthesizer, reinitialise
+
+
+class NonFiniteError(RunError):
+    """A NaN or inf appeared in a stage's activation, synthetic gradient, loss or gradient target.
+
+    Raised where it appears, before the stage applies any update from it; ``stage`` and
+    ``what`` say where (the trainer adds the step).
+    """
+
+    def __init__(self, stage: int, what: str) -> None:
+        super().__init__(f"non-finite {what} at stage {stage}")
+        self.stage, self.what = stage, what
+
+    def with_step(self, step: int, checkpoint: object) -> "NonFiniteError":
+        """The same fault, its message completed with the step and the checkpoint saved."""
+        self.args = (f"non-finite {self.what} at stage {self.stage}, step {step + 1}; stopped with a "
+                     f"checkpoint at {checkpoint} (train.nonfinite=skip or reset continues past such "
+                     "batches; lowering train.lr or synthesizer.lr often avoids them)",)
+        return self
+
+
+def _finite(t: torch.Tensor, stage: "DecoupledStage", what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        stage.abandon()
+        raise NonFiniteError(stage.index, what)
+    return t
 
 
 @dataclass(frozen=True)
@@ -106,6 +133,7 @@ class DecoupledStage:
         self.update_generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
+        self._buffers: list[torch.Tensor] | None = None
 
     # -- forward ---------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +141,12 @@ class DecoupledStage:
 
         Returns the output, detached: what travels to the next stage.
         """
+        # BatchNorm statistics move during the forward; kept until step() so that a fault
+        # (see abandon) can put them back instead of keeping a NaN in the running mean.
+        self._buffers = [b.detach().clone() for b in self.module.buffers()]
         self._input = x.detach().requires_grad_(self.index > 0)
         self._output = self.module(self._input)
-        return self._output.detach()
+        return _finite(self._output, self, "activation").detach()
 
     def context(self, labels: torch.Tensor) -> torch.Tensor | None:
         """What this stage's synthesizer conditions on: the labels for cDNI, else nothing."""
@@ -127,7 +158,8 @@ class DecoupledStage:
         """g^ for the output of the last :meth:`forward` (see :func:`dni.rules.synthetic_gradient`)."""
         if self.synthesizer is None or self._output is None:
             raise RuntimeError(f"stage {self.index} has no synthesizer or no pending forward")
-        return rules.synthetic_gradient(self.synthesizer, self._output, self.context(labels))
+        return _finite(rules.synthetic_gradient(self.synthesizer, self._output, self.context(labels)), self,
+                       "synthetic gradient")
 
     # -- backward ----------------------------------------------------------------
     def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
@@ -136,7 +168,7 @@ class DecoupledStage:
             raise RuntimeError(f"stage {self.index}: backward before forward")
         target = rules.backward_from(self._output, grad, self._input if self.index > 0 else None)
         self._output = self._input = None  # free the graph
-        return target
+        return _finite(target, self, "gradient target") if target is not None else None
 
     def loss_backward(self, labels: torch.Tensor) -> tuple[float, torch.Tensor | None]:
         """Last stage: the loss of the pending output, backpropagated.
@@ -146,10 +178,28 @@ class DecoupledStage:
         """
         if not self.is_last or self._output is None:
             raise RuntimeError(f"stage {self.index} is not the last stage or has no pending forward")
-        loss = self.loss_fn(self._output, labels)
+        loss = _finite(self.loss_fn(self._output, labels), self, "loss")
         target = rules.loss_backward(loss, self._input if self.index > 0 else None)
         self._output = self._input = None
-        return loss.item(), target
+        return loss.item(), _finite(target, self, "gradient target") if target is not None else None
+
+    def abandon(self) -> None:
+        """Drop the pending batch: its graph, any gradients it left and what its forward did to
+        the BatchNorm statistics; no update is applied."""
+        self._output = self._input = None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._buffers is not None:
+            with torch.no_grad():
+                for b, saved in zip(self.module.buffers(), self._buffers):
+                    b.copy_(saved)
+            self._buffers = None
+
+    def reset_synthesizer(self) -> None:
+        """Start the synthesizer over: fresh hidden layers, a zero output layer, no optimiser state."""
+        if self.synthesizer is None or self.synth_optimizer is None:
+            return
+        reinitialise(self.synthesizer)
+        self.synth_optimizer.state.clear()
 
     def step(self) -> bool:
         """Apply the accumulated gradients with probability ``p_update`` at the scheduled
@@ -163,6 +213,7 @@ class DecoupledStage:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+        self._buffers = None  # the batch is committed
         return update
 
     @property

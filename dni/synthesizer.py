@@ -44,6 +44,16 @@ def _zero_(layer: nn.Module) -> None:
     nn.init.zeros_(layer.bias)
 
 
+def reinitialise(synthesizer: Synthesizer) -> None:
+    """Draw the hidden layers afresh (from torch's global RNG) and zero the final layer: the
+    synthesizer predicts exactly zero again, e.g. after a numerical fault spoilt its weights."""
+    with torch.no_grad():
+        for m in synthesizer.modules():
+            if m is not synthesizer and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        _zero_(synthesizer.out)
+
+
 class MLPSynthesizer(Synthesizer):
     """An MLP synthesizer for activations of shape (B, D) (or (B, ...), flattened).
 

@@ -7,7 +7,6 @@ and is the correctness oracle the distributed runtime is checked against.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from dni.checkpoint import load_latest, save_checkpoint
 from dni.config import Config
 from dni.data import Splits, iterate_batches, load_dataset
 from dni.schedule import EpochBatches, Schedule
+from dni.stage import NonFiniteError
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
 from dni.pipeline import Pipeline
 from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
@@ -178,19 +178,30 @@ class Trainer:
                 scalars[f"sg/cosine/stage_{i}"] = cos
                 scalars[f"sg/rel_error/stage_{i}"] = rel
         started = time.perf_counter()
-        result = self.pipeline.train_step(x, y, bp_lambda=cfg.synthesizer.bp_lambda)
+        try:
+            result = self.pipeline.train_step(x, y, bp_lambda=cfg.synthesizer.bp_lambda)
+        except NonFiniteError as e:
+            return self._on_nonfinite(e)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # count the GPU work in this step's time
         self.step_seconds += time.perf_counter() - started
-        if not math.isfinite(result.loss):
-            raise FloatingPointError(
-                f"training loss became {result.loss} at step {self.step}: lower train.lr or synthesizer.lr"
-            )
         scalars["train/loss"] = result.loss
         scalars["train/lr"] = self.pipeline.stages[0].lr
         for i, v in result.synth_losses.items():
             scalars[f"sg/loss/stage_{i}"] = v
         return scalars
+
+    def _on_nonfinite(self, error: NonFiniteError) -> dict[str, float]:
+        """Apply ``train.nonfinite`` to a fault found at this step (no stage updated from it)."""
+        for stage in self.pipeline.stages:
+            stage.abandon()
+        policy = self.cfg.train.nonfinite
+        if policy == "stop":
+            path = self.save()
+            raise NonFiniteError(error.stage, error.what).with_step(self.step, path)
+        if policy == "reset" and error.what == "synthetic gradient":
+            self.pipeline.stages[error.stage].reset_synthesizer()
+        return {f"nonfinite/stage_{error.stage}": 1.0}
 
     def _log(self, scalars: dict[str, float]) -> None:
         assert self.logger is not None

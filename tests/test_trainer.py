@@ -113,3 +113,44 @@ def test_checkpoints_are_versioned_pruned_and_safe(tmp_path: Path) -> None:
         load_checkpoint(evil)
     with pytest.raises(CheckpointError, match="no checkpoints to resume from"):
         load_latest(tmp_path / "empty")
+
+
+def nan_splits(at: int = 20):
+    """The tiny data with one poisoned training image (NaN pixels)."""
+    splits = random_splits()
+    splits.train.images[at] = float("nan")
+    return splits
+
+
+def test_nonfinite_stop_policy_stops_with_a_checkpoint_and_says_where(tmp_path: Path) -> None:
+    from dni.stage import NonFiniteError
+
+    cfg = tiny_config(log={"dir": str(tmp_path)})
+    t = Trainer(cfg, create_run_dir(cfg), splits=nan_splits())
+    with pytest.raises(NonFiniteError, match=r"non-finite activation at stage 0, step \d+; stopped with a checkpoint"):
+        t.fit()
+    state = load_latest(t.run_dir / "checkpoints")
+    assert all(torch.isfinite(v).all() for s in state["stages"] for v in s["module"].values() if v.is_floating_point())
+
+
+def test_nonfinite_skip_policy_skips_the_batch_and_keeps_the_model_finite(tmp_path: Path) -> None:
+    cfg = tiny_config(log={"dir": str(tmp_path), "every": 1}, train={"nonfinite": "skip"})
+    t = Trainer(cfg, create_run_dir(cfg), splits=nan_splits())
+    summary = t.fit()
+    assert summary["steps"] == 12 and 0 <= summary["test_accuracy"] <= 1
+    assert all(torch.isfinite(q).all() for q in params(t))
+    rows = [json.loads(l) for l in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for r in rows if r.get("nonfinite/stage_0")) == 2  # the poisoned batch, once per epoch
+
+
+def test_nonfinite_reset_policy_restarts_a_spoilt_synthesizer(tmp_path: Path) -> None:
+    cfg = tiny_config(log={"dir": str(tmp_path), "every": 1}, train={"nonfinite": "reset", "max_steps": 4})
+    t = Trainer(cfg, create_run_dir(cfg), splits=random_splits())
+    synth = t.pipeline.stages[1].synthesizer
+    with torch.no_grad():
+        synth.out.weight.fill_(float("nan"))  # a spoilt synthesizer
+    t.fit()
+    assert torch.isfinite(synth.out.weight).all()
+    rows = [json.loads(l) for l in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("nonfinite/stage_1")] == [1]
+    assert all(torch.isfinite(q).all() for q in params(t))

@@ -187,6 +187,7 @@ class Coordinator:
         return f"{rank} (stage {stage}, replica {replica})"
 
     def _worker_error(self, what: str, cause: BaseException) -> WorkerError:
+        cause = getattr(cause, "cause", None) or cause  # a task error wraps the worker's own exception
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         saved = (f"the last checkpoint is step {self.last_checkpoint} in {self.run_dir / CHECKPOINTS}"
                  if self.last_checkpoint else "no checkpoint had been written yet")
