@@ -30,9 +30,12 @@ class NonFiniteError(RunError):
     ``what`` say where (the trainer adds the step).
     """
 
-    def __init__(self, stage: int, what: str) -> None:
-        super().__init__(f"non-finite {what} at stage {stage}")
+    def __init__(self, stage: int, what: str, message: str | None = None) -> None:
+        super().__init__(message or f"non-finite {what} at stage {stage}")
         self.stage, self.what = stage, what
+
+    def __reduce__(self):  # picklable, so that it crosses process boundaries (Ray) intact
+        return (NonFiniteError, (self.stage, self.what, str(self)))
 
     def with_step(self, step: int, checkpoint: object) -> "NonFiniteError":
         """The same fault, its message completed with the step and the checkpoint saved."""

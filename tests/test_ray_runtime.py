@@ -119,3 +119,19 @@ def test_a_dead_stage_worker_stops_the_run_with_a_clear_message(cluster, idx_fol
         coord.run()
     assert time.monotonic() - started < 60  # noticed by the coordinator, not by a data-plane timeout
     assert load_latest(run_dir / "checkpoints")["step"] >= 9  # what was saved is still there
+
+
+def test_a_numerical_fault_in_a_worker_stops_the_run_naming_stage_and_fault(cluster, idx_folder: str, tmp_path: Path) -> None:
+    cfg = runtime_config(idx_folder, backend="ray", log={"dir": str(tmp_path)}, train={"lr": 1e30},
+                         runtime={"poll_s": 0.1, "timeout_s": 30})
+    with pytest.raises(WorkerError, match=r"stage worker \d \(stage \d, replica 0\) failed: non-finite .* at stage \d"):
+        Coordinator(cfg, create_run_dir(cfg)).run()
+
+
+def test_non_finite_errors_survive_pickling() -> None:
+    import pickle
+
+    from dni.stage import NonFiniteError
+
+    e = pickle.loads(pickle.dumps(NonFiniteError(2, "loss").with_step(7, "ck.pt")))
+    assert (e.stage, e.what) == (2, "loss") and "step 8" in str(e) and "ck.pt" in str(e)

@@ -179,7 +179,7 @@ class Coordinator:
     def _check_worker(self, rank: int, ref: Any) -> None:
         try:
             ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+        except ray.exceptions.RayError as e:  # died, raised, or raised something Ray could not carry
             raise self._worker_error(f"stage worker {self._describe(rank)} failed", e) from None
 
     def _describe(self, rank: int) -> str:
