@@ -107,6 +107,12 @@ class MetricsLogger:
             sink.close()
 
 
+def by_stage(scalars: dict[str, float], metric: str) -> dict[str, float]:
+    """``{"stage_i": v}`` for every ``<metric>/stage_i`` tag in ``scalars`` (e.g. ``sg/cosine``)."""
+    prefix = metric + "/"
+    return {k[len(prefix):]: v for k, v in scalars.items() if k.startswith(prefix)}
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for hparams)."""
     out: dict[str, Any] = {}

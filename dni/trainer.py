@@ -20,7 +20,7 @@ from dni.config import Config
 from dni.data import Splits, iterate_batches, load_dataset
 from dni.schedule import EpochBatches, Schedule
 from dni.stage import NonFiniteError
-from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
+from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
 from dni.pipeline import Pipeline
 from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
 
@@ -222,8 +222,6 @@ class Trainer:
         assert self.logger is not None
         cfg, latest = self.cfg, self.logger.latest
         test_acc = latest.get("test/accuracy", float("nan"))
-        cosines = {k.rsplit("/", 1)[1]: v for k, v in latest.items() if k.startswith("sg/cosine/")}
-        rel = {k.rsplit("/", 1)[1]: v for k, v in latest.items() if k.startswith("sg/rel_error/")}
         samples = self.step * cfg.train.batch_size
         return {
             "name": cfg.name,
@@ -246,6 +244,6 @@ class Trainer:
             "step_seconds": self.step_seconds,
             "seconds_per_step": self.step_seconds / max(self.step, 1),
             "samples_per_second": samples / self.elapsed if self.elapsed > 0 else None,
-            "sg_cosine": cosines,
-            "sg_rel_error": rel,
+            "sg_cosine": by_stage(latest, "sg/cosine"),
+            "sg_rel_error": by_stage(latest, "sg/rel_error"),
         }

@@ -28,7 +28,8 @@ import torch
 
 from dni.build import build_pipeline
 from dni.config import Config
-from dni.data import iterate_batches, load_dataset
+from dni.data import load_dataset
+from dni.schedule import EpochBatches
 from dni.run import create_run_dir
 from dni.trainer import Trainer
 
@@ -61,22 +62,16 @@ def single_process(cfg: Config, *, threads: int) -> dict[str, float]:
         torch.manual_seed(cfg.seed)
         pipe = build_pipeline(bp, tuple(splits.train.images.shape[1:]), splits.train.num_classes,
                               total_steps=total, device=torch.device("cpu"))
-        batches = _cycle(splits.train, cfg.train.batch_size, total)
-        for _ in range(cfg.bench.warmup):
-            pipe.train_step(*next(batches))
+        batches = EpochBatches(splits.train, cfg.train.batch_size, cfg.seed)
+        for g in range(cfg.bench.warmup):
+            pipe.train_step(*batches(g))
         start = time.perf_counter()
-        for _ in range(cfg.bench.steps):
-            pipe.train_step(*next(batches))
+        for g in range(cfg.bench.warmup, total):
+            pipe.train_step(*batches(g))
         seconds = (time.perf_counter() - start) / cfg.bench.steps
     finally:
         torch.set_num_threads(previous)
     return {"samples_per_second": cfg.train.batch_size / seconds, "seconds_per_step": seconds, "threads": threads}
-
-
-def _cycle(ds, batch_size: int, n: int):
-    g = torch.Generator().manual_seed(0)
-    while True:
-        yield from iterate_batches(ds, batch_size, shuffle=True, generator=g, drop_last=True)
 
 
 def runtime(cfg: Config, method: str, log_dir: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dni.checkpoint import save_checkpoint
 from dni.config import Config, RuntimeConfig
-from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, flatten
+from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
 from dni.run import CHECKPOINTS, METRICS_FILE, RunError, write_summary
 from workers.actor import StageActor
 from workers.plan import make_plan
@@ -264,7 +264,7 @@ class Coordinator:
             "samples_per_second": sched.total_steps * cfg.train.batch_size / wall if wall > 0 else None,
             "busy_fraction": busy, "hop_latency_ms": self.hops,
             "bytes_sent": sum(t["bytes_sent"] for t in totals),
-            "sg_cosine": {k.rsplit("/", 1)[1]: v for k, v in latest.items() if k.startswith("sg/cosine/")},
-            "sg_rel_error": {k.rsplit("/", 1)[1]: v for k, v in latest.items() if k.startswith("sg/rel_error/")},
+            "sg_cosine": by_stage(latest, "sg/cosine"),
+            "sg_rel_error": by_stage(latest, "sg/rel_error"),
             "max_in_flight": cfg.runtime.max_in_flight, "true_every": cfg.sync.true_every,
         }

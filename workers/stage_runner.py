@@ -52,7 +52,6 @@ class Pending:
     step: int
     h: torch.Tensor
     labels: torch.Tensor
-    sent_at: float
 
 
 @dataclass
@@ -122,11 +121,9 @@ class StageRunner:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self._lock = threading.Lock()
         self.window = Window()
-        self.busy_total = 0.0
         self.idle_total = 0.0
         self.eval_seconds = 0.0
         self.run_started = time.perf_counter()
-        self.step = 0  # global steps done (by all replicas: the schedule position)
         self.saved: tuple[int, dict[str, Any]] | None = None
         self.true_gradients: list[tuple[int, torch.Tensor]] = []
         self.keep_true = keep_true_gradients
@@ -161,7 +158,6 @@ class StageRunner:
         for g in range(start_step, self.schedule.total_steps):
             if self.topology.replica_for(self.i, g) == self.replica:
                 self._train_step(g)
-            self.step = g + 1
             self._boundary(g)
         self._drain()
         self.transport.flush()
@@ -199,7 +195,7 @@ class StageRunner:
         if not self.is_last and synthetic is not None:
             dst = self.topology.rank_for(self.i + 1, g)
             self.transport.send(dst, Tag.DOWN, Kind.TRAIN, g, h, labels=y)
-            self.pending.append(Pending(g, h, y, time.perf_counter()))
+            self.pending.append(Pending(g, h, y))
             self.window.in_flight_max = max(self.window.in_flight_max, len(self.pending))
             self.window.queued_max = max(self.window.queued_max, self.transport.queued)
             if true_round:
