@@ -53,11 +53,9 @@ def run_training(cfg: Config, *, resume_dir: Path | None = None, progress: bool 
     show = progress and cfg.log.progress
     bar = _progress_bar(cfg.name) if show else None
     if cfg.backend == "ray":
-        if resume_dir is not None:
-            raise ConfigError("--resume is supported by backend: local only in this version")
         from workers.coordinator import Coordinator  # Ray is imported only for this backend
 
-        return run_dir, Coordinator(cfg, run_dir, progress=bar).run()
+        return run_dir, Coordinator(cfg, run_dir, progress=bar, resume=resume_dir is not None).run()
     trainer = Trainer(cfg, run_dir, progress=bar)
     if resume_dir is not None:
         trainer.resume()

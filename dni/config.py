@@ -112,7 +112,7 @@ class TrainConfig:
     """Also evaluate every this many steps (0: only at epoch ends), e.g. to time accuracy finely."""
     nonfinite: str = "stop"
     """A NaN/inf in an activation, synthetic gradient, loss or target: stop (with a checkpoint),
-    skip (the batch), or reset (the synthesizer at fault, then skip). Ray backend: always stop."""
+    skip (the batch, in every stage), or reset (the synthesizer at fault, then skip)."""
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1 (got {self.epochs})")
@@ -228,6 +228,9 @@ class RuntimeConfig:
     """Longest wait for placement, setup or a silent worker before the run fails with a message."""
     poll_s: float = 1.0
     """How often the coordinator gathers metrics from the workers."""
+    max_restarts: int = 3
+    """Stage-worker failures survived per run, each by restarting the pipeline from its last
+    checkpoint (see checkpoint.every); one more stops the run with a message."""
 
     def validate(self) -> None:
         _check(self.max_in_flight >= 1, "runtime.max_in_flight", f"must be >= 1 (got {self.max_in_flight})")
@@ -242,6 +245,7 @@ class RuntimeConfig:
         _one_of(self.transport, TRANSPORTS, "runtime.transport")
         _check(self.timeout_s > 0, "runtime.timeout_s", f"must be > 0 (got {self.timeout_s})")
         _check(self.poll_s > 0, "runtime.poll_s", f"must be > 0 (got {self.poll_s})")
+        _check(self.max_restarts >= 0, "runtime.max_restarts", f"must be >= 0 (got {self.max_restarts})")
 
 
 @dataclass

@@ -23,6 +23,8 @@ class Sink(Protocol):
 
     def write(self, step: int, scalars: dict[str, float]) -> None: ...
 
+    def rewind(self, step: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -38,9 +40,18 @@ class JsonlSink:
     def __init__(self, path: Path, *, resume_step: int | None = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            self._truncate(resume_step)
         self._file = path.open("a")
+
+    def _truncate(self, step: int) -> None:
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def rewind(self, step: int) -> None:
+        """Drop what was logged after ``step`` (a run going back to its checkpoint of ``step``)."""
+        self._file.close()
+        self._truncate(step)
+        self._file = self.path.open("a")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
@@ -68,8 +79,13 @@ class TensorBoardSink:
     def __init__(self, log_dir: Path, *, resume_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is heavy
 
-        purge = resume_step + 1 if resume_step is not None else None
-        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+        self._make = lambda purge: SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+        self._writer = self._make(resume_step + 1 if resume_step is not None else None)
+
+    def rewind(self, step: int) -> None:
+        """Hide events after ``step`` from TensorBoard (a run going back to its checkpoint of ``step``)."""
+        self._writer.close()
+        self._writer = self._make(step + 1)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         for tag, value in scalars.items():
@@ -96,6 +112,12 @@ class MetricsLogger:
         self.latest.update(scalars)
         for sink in self.sinks:
             sink.write(step, scalars)
+
+    def rewind(self, step: int) -> None:
+        """Go back to ``step``: every sink forgets what was logged after it, so the history
+        continues from there without duplicates (a pipeline restarted from a checkpoint)."""
+        for sink in self.sinks:
+            sink.rewind(step)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         for sink in self.sinks:

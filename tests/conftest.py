@@ -84,3 +84,13 @@ def runtime_config(idx_folder: str, **sections: dict) -> Config:
         else:
             base[key] = value
     return tiny_config(**base)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for every Ray test of the session. Logical resources may exceed
+    physical ones: it claims 4 GPUs, so one-stage-per-GPU placement is tested without a GPU."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -6,6 +6,7 @@ metrics and checkpoints while ``run`` is busy in the other thread.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ray
@@ -43,6 +44,18 @@ class StageActor:
         self.runner = build_runner(self.cfg, self.plan, self.rank, init_method=init_method, device=self.device,
                                    own_gpu=self.device.type == "cuda")
 
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from this worker's state in a checkpoint (after :meth:`connect`)."""
+        self._runner().restore(state)
+
+    def inject_fault(self, step: int, where: str) -> None:
+        """Fault injection for tests and drills (see :meth:`StageRunner.inject_fault`)."""
+        self._runner().inject_fault(step, where)
+
+    def pid(self) -> int:
+        """This worker's process id (to watch its memory, or to kill it in a drill)."""
+        return os.getpid()
+
     def measure_hops(self) -> dict[str, float]:
         return self._runner().measure_hops()
 
@@ -55,13 +68,13 @@ class StageActor:
     def drain_metrics(self) -> list[tuple[int, dict[str, float]]]:
         return self.runner.drain_metrics() if self.runner is not None else []
 
-    def saved_step(self) -> int | None:
-        """The step of the newest state kept at a checkpoint boundary (cheap to ask)."""
-        return self.runner.saved[0] if self.runner is not None and self.runner.saved is not None else None
+    def saved_steps(self) -> list[int]:
+        """The checkpoint boundaries whose states this worker keeps (cheap to ask)."""
+        return sorted(self.runner.kept) if self.runner is not None else []
 
-    def saved_state(self) -> tuple[int, dict[str, Any]] | None:
-        """The newest state this worker kept at a checkpoint boundary, as (step, state)."""
-        return self.runner.saved if self.runner is not None else None
+    def saved_state(self, step: int) -> dict[str, Any] | None:
+        """This worker's state kept at boundary ``step``; None once it has been let go."""
+        return self.runner.kept.get(step) if self.runner is not None else None
 
     def close(self) -> None:
         if self.runner is not None:

@@ -6,12 +6,22 @@ path: the workers follow the shared schedule (:mod:`dni.schedule`, :mod:`workers
 three levels of synchronisation, and the coordinator gathers their metrics into
 one run directory, writes checkpoints, and fails with a message, never a hang,
 when the cluster cannot hold the pipeline or a worker stops answering.
+
+Checkpoints are consistent cuts (see :mod:`workers.stage_runner`). When a worker
+dies, raises or stops answering, the coordinator replaces the whole pipeline from
+the newest checkpoint, in the same placement group (so on the same node, or on
+another one where Ray moved a lost bundle), with a new process group: a
+torch.distributed group cannot swap one member, and a cut is only consistent for
+all stages together. Up to ``runtime.max_restarts`` times; the next failure stops
+the run with a message. ``resume=True`` starts from a run directory's checkpoint
+the same way (``dni train --resume``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,10 +31,11 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dni.checkpoint import save_checkpoint
+from dni.checkpoint import CheckpointError, load_latest, save_checkpoint
 from dni.config import Config, RuntimeConfig
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
 from dni.run import CHECKPOINTS, METRICS_FILE, RunError, write_summary
+from dni.stage import NonFiniteError
 from workers.actor import StageActor
 from workers.plan import make_plan
 
@@ -34,7 +45,22 @@ class PlacementError(RunError):
 
 
 class WorkerError(RunError):
-    """A stage worker died or stopped answering; the message names it and the last checkpoint."""
+    """A stage worker died, raised or stopped answering; the message names it and the last checkpoint.
+
+    ``failure`` is the first part of the message (what failed, and how); ``restartable`` is
+    false for faults a replay would meet again (a non-finite value under train.nonfinite=stop).
+    """
+
+    def __init__(self, message: str, *, failure: str = "", restartable: bool = True) -> None:
+        super().__init__(message)
+        self.failure, self.restartable = failure or message, restartable
+
+    def __reduce__(self):
+        return (_worker_error, (str(self), self.failure, self.restartable))
+
+
+def _worker_error(message: str, failure: str, restartable: bool) -> WorkerError:
+    return WorkerError(message, failure=failure, restartable=restartable)
 
 
 def ensure_ray(runtime: RuntimeConfig, *, cpus_needed: float) -> bool:
@@ -102,9 +128,15 @@ class Coordinator:
         cfg: the validated config; ``data.path`` is resolved against the driver's folder.
         run_dir: the run directory.
         progress: callback ``(step, total, latest scalars)`` for a progress display.
+        resume: continue from the newest readable checkpoint in ``run_dir`` (read here, so a
+            missing or incompatible one fails before anything starts).
+
+    Raises:
+        CheckpointError: ``resume`` and no usable checkpoint of this pipeline.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, *, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, *, progress: Callable[[int, int, dict[str, float]], None] | None = None,
+                 resume: bool = False) -> None:
         # Workers may start in another folder: they get the data path resolved here.
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
@@ -115,13 +147,27 @@ class Coordinator:
         self.hops: dict[str, float] = {}
         self.last_checkpoint = 0
         self.logger: MetricsLogger | None = None
+        self.start_step = 0
+        self.states: list[dict[str, Any]] | None = None  # per rank: where the workers start from
+        self.restarts: list[dict[str, Any]] = []
+        self._runs: list[Any] = []  # the workers' run() calls
+        self._failed: tuple[WorkerError, float] | None = None  # the failure being recovered from, and when
+        self.resumed_from = self._load_checkpoint(required=True) if resume else None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Place the workers and connect their data plane."""
+        """Place the workers, connect their data plane, and restore them when resuming."""
         rt, topo = self.cfg.runtime, self.plan.topology
         self.started_ray = ensure_ray(rt, cpus_needed=rt.cpus_per_stage * topo.world_size)
         self.pg = place(topo.world_size, rt)
+        self._start_workers()
+        for hops in self._get([a.measure_hops.remote() for a in self.actors], "measure hop latency"):
+            self.hops.update(hops)
+
+    def _start_workers(self) -> None:
+        """One actor per placement bundle, connected into a new process group, restored from
+        ``self.states`` when there are any."""
+        rt, topo = self.cfg.runtime, self.plan.topology
         gpus = gpus_per_stage(rt)
         cfg_dict = self.cfg.to_dict()
         for rank in range(topo.world_size):
@@ -131,18 +177,53 @@ class Coordinator:
             self.actors.append(actor)
         ip, port = self._get(self.actors[0].address.remote(), "report its address")
         self._get([a.connect.remote(f"tcp://{ip}:{port}") for a in self.actors], "connect the data plane")
-        for hops in self._get([a.measure_hops.remote() for a in self.actors], "measure hop latency"):
-            self.hops.update(hops)
+        if self.states is not None:
+            self._get([a.restore.remote(s) for a, s in zip(self.actors, self.states)], "restore the checkpoint")
+
+    def _load_checkpoint(self, *, required: bool) -> int:
+        """Make the newest readable checkpoint of the run directory the workers' starting point;
+        returns its step (0, with fresh workers, when there is none and none is ``required``).
+
+        Raises:
+            CheckpointError: none readable (when required), or not one of this pipeline.
+        """
+        try:
+            state = load_latest(self.run_dir / CHECKPOINTS)
+        except CheckpointError:
+            if required:
+                raise
+            self.start_step, self.states, self.last_checkpoint = 0, None, 0
+            return 0
+        topo, step = self.plan.topology, int(state["step"])
+        where = f"{self.run_dir / CHECKPOINTS} (step {step})"
+        if state.get("backend") != "ray":
+            raise CheckpointError(f"{where} was written by backend: local; resume it with backend: local")
+        stages = state["stages"]
+        if [len(replicas) for replicas in stages] != list(topo.replicas):
+            raise CheckpointError(f"{where} holds stages x replicas {[len(r) for r in stages]}, but the config "
+                                  f"asks for {list(topo.replicas)}; resume with the config the run started with")
+        self.states = [stages[s][r] for s, r in map(topo.place, range(topo.world_size))]
+        self.start_step = self.last_checkpoint = step
+        return step
 
     def run(self) -> dict[str, Any]:
-        """Train to the end; returns (and writes) the summary."""
-        self.logger = MetricsLogger([JsonlSink(self.run_dir / METRICS_FILE), TensorBoardSink(self.run_dir)])
+        """Train to the end, surviving up to ``runtime.max_restarts`` worker failures; returns
+        (and writes) the summary.
+
+        Raises:
+            WorkerError: a worker failed once more than the budget allows, or with a fault that a
+                restart would meet again; the message names it and the last checkpoint.
+        """
+        resumed = self.start_step or None
+        self.logger = MetricsLogger([JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed),
+                                     TensorBoardSink(self.run_dir, resume_step=resumed)])
         try:
             started = time.perf_counter()
-            self.start()
+            if not self.actors:
+                self.start()
             setup = time.perf_counter() - started
             t0 = time.perf_counter()
-            totals = self._watch([a.run.remote() for a in self.actors])
+            totals = self._train()
             wall = time.perf_counter() - t0
             self._gather()
             self._checkpoint(final=True)
@@ -155,15 +236,69 @@ class Coordinator:
         return summary
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+        self._kill_workers()
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
+
+    def _kill_workers(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        for ref in self._runs:  # collect their errors: they are known, not "unhandled"
+            try:
+                ray.get(ref, timeout=10)
+            except Exception:
+                pass
+        self._runs = []
+
+    # -- failures --------------------------------------------------------------------------------
+    def _train(self) -> list[dict[str, float]]:
+        """Run the workers to the end, replacing the pipeline after each failure the budget allows."""
+        while True:
+            try:
+                if not self.actors:
+                    self._start_workers()
+                    self._resumed()
+                self._runs = [a.run.remote(self.start_step) for a in self.actors]
+                return self._watch(self._runs)
+            except WorkerError as e:
+                budget = self.cfg.runtime.max_restarts
+                if not e.restartable:
+                    raise
+                if len(self.restarts) >= budget:
+                    raise WorkerError(f"{e}; the run stops: {len(self.restarts)} of runtime.max_restarts={budget} "
+                                      "restarts used; resume with `dni train --resume RUN_DIR`",
+                                      failure=e.failure, restartable=False) from None
+                self._recover(e)
+
+    def _recover(self, error: WorkerError) -> None:
+        """Stop every worker and go back to the newest checkpoint (metrics after it are forgotten:
+        the restarted pipeline logs those steps again)."""
+        assert self.logger is not None
+        detected = time.monotonic()
+        self._kill_workers()
+        step = self._load_checkpoint(required=False)
+        self.logger.rewind(step)
+        self._failed = (error, detected)
+
+    def _resumed(self) -> None:
+        """Record a restart once the new workers hold the checkpoint and are about to train."""
+        if self._failed is None:
+            return
+        error, detected = self._failed
+        self._failed = None
+        seconds = time.monotonic() - detected
+        self.restarts.append({"failure": error.failure, "from_step": self.start_step, "seconds_to_resume": seconds,
+                              "detected": detected, "resumed": detected + seconds})
+        assert self.logger is not None
+        self.logger.log(self.start_step, {"run/restarts": float(len(self.restarts))})
+        print(f"dni: warning: {error.failure}; the pipeline restarted from step {self.start_step} in {seconds:.1f} s "
+              f"(restart {len(self.restarts)} of runtime.max_restarts={self.cfg.runtime.max_restarts})",
+              file=sys.stderr, flush=True)
 
     # -- watching ---------------------------------------------------------------------------------
     def _watch(self, futures: list[Any]) -> list[dict[str, float]]:
@@ -188,10 +323,11 @@ class Coordinator:
 
     def _worker_error(self, what: str, cause: BaseException) -> WorkerError:
         cause = getattr(cause, "cause", None) or cause  # a task error wraps the worker's own exception
-        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        first_line = str(cause).strip().splitlines()[0].rstrip(".") if str(cause).strip() else type(cause).__name__
         saved = (f"the last checkpoint is step {self.last_checkpoint} in {self.run_dir / CHECKPOINTS}"
                  if self.last_checkpoint else "no checkpoint had been written yet")
-        return WorkerError(f"{what}: {first_line}; {saved}")
+        return WorkerError(f"{what}: {first_line}; {saved}", failure=f"{what}: {first_line}",
+                           restartable=not isinstance(cause, NonFiniteError))
 
     def _gather(self) -> None:
         assert self.logger is not None
@@ -206,20 +342,23 @@ class Coordinator:
             self.progress(max(by_step), self.plan.schedule.total_steps, self.logger.latest)
 
     def _checkpoint(self, *, final: bool) -> None:
-        """Write a checkpoint once every worker has kept its state at the same, newer boundary."""
-        steps = self._get([a.saved_step.remote() for a in self.actors], "report checkpoint steps")
-        if None in steps or len(set(steps)) != 1 or steps[0] <= self.last_checkpoint:
+        """Write a checkpoint of the newest boundary whose state every worker still keeps."""
+        kept = self._get([a.saved_steps.remote() for a in self.actors], "report checkpoint steps")
+        step = max(set(kept[0]).intersection(*kept[1:]), default=0)
+        if final and step != self.plan.schedule.total_steps:
+            raise RuntimeError(f"workers ended without a common final state (they keep steps {kept})")
+        if step <= self.last_checkpoint:
             return
-        saved = self._get([a.saved_state.remote() for a in self.actors], "send checkpoints")
-        if len({s[0] for s in saved}) != 1:
-            if final:
-                raise RuntimeError(f"workers ended at different checkpoint steps: {[s[0] for s in saved]}")
-            return  # a worker moved on meanwhile: try at the next poll
+        # Workers record a boundary's metrics before keeping its state: with this gather, the
+        # history on disk reaches the checkpoint's step before the checkpoint exists.
+        self._gather()
+        states = self._get([a.saved_state.remote(step) for a in self.actors], "send checkpoints")
+        if any(s is None for s in states):
+            return  # a worker moved on and let that state go meanwhile: try at the next poll
         topo = self.plan.topology
         stages: list[list[dict[str, Any]]] = [[] for _ in range(topo.num_stages)]
-        for rank, (_, state) in enumerate(saved):
+        for rank, state in enumerate(states):
             stages[topo.place(rank)[0]].append(state)
-        step = saved[0][0]
         save_checkpoint(self.run_dir / CHECKPOINTS, step, {"config": self.cfg.to_dict(), "stages": stages,
                                                             "backend": "ray"}, keep=self.cfg.checkpoint.keep)
         self.last_checkpoint = step
@@ -267,4 +406,6 @@ class Coordinator:
             "sg_cosine": by_stage(latest, "sg/cosine"),
             "sg_rel_error": by_stage(latest, "sg/rel_error"),
             "max_in_flight": cfg.runtime.max_in_flight, "true_every": cfg.sync.true_every,
+            "resumed_from_step": self.resumed_from,
+            "restarts": [{k: r[k] for k in ("failure", "from_step", "seconds_to_resume")} for r in self.restarts],
         }

@@ -15,8 +15,18 @@ Every ``sync.true_every`` steps one batch gets a true end-to-end gradient round
 (level 2): the true gradient travels down the stack, each stage passing it through
 a snapshot of itself taken at that batch's forward, and each synthesizer is
 trained on it and measured against it. Replicas of a stage average parameters
-every ``sync.replica_every`` steps (level 3). No Ray here: tests run runners in
-plain processes.
+every ``sync.replica_every`` steps (level 3).
+
+At a checkpoint boundary each stage first receives every outstanding target and
+true gradient, so the states all stages keep there form a consistent cut: no
+message crosses it, and a pipeline restarted from it (:meth:`StageRunner.restore`)
+replays exactly what the uninterrupted run would have done.
+
+A NaN or inf found in a stage (``train.nonfinite``): ``stop`` raises
+:class:`~dni.stage.NonFiniteError`; ``skip`` and ``reset`` drop the batch with a
+SKIP message down and up the pipeline, so every stage skips it and cancels its
+level-2 round, and the run goes on. No Ray here: tests run runners in plain
+processes.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +45,7 @@ from dni import rules
 from dni.build import build_decoupled_stage
 from dni.config import Config
 from dni.data import ArrayDataset, padded_batches
-from dni.stage import DecoupledStage
+from dni.stage import DecoupledStage, NonFiniteError
 from dni.schedule import EpochBatches, Schedule
 from workers.topology import Topology
 from workers.replicas import average_replicas
@@ -52,6 +62,16 @@ class Pending:
     step: int
     h: torch.Tensor
     labels: torch.Tensor
+
+
+class Skipped(Exception):
+    """This step's batch is dropped by every stage (a non-finite value somewhere, under skip or reset)."""
+
+
+FAULTS = ("input", "synthesizer")
+# Boundary states a worker keeps: the coordinator checkpoints the newest step that every
+# worker still holds, so a fast stage may run a couple of boundaries ahead of a slow one.
+KEEP_STATES = 3
 
 
 @dataclass
@@ -124,7 +144,9 @@ class StageRunner:
         self.idle_total = 0.0
         self.eval_seconds = 0.0
         self.run_started = time.perf_counter()
-        self.saved: tuple[int, dict[str, Any]] | None = None
+        self.kept: dict[int, dict[str, Any]] = {}  # states at the newest checkpoint boundaries, by step
+        self.clock_offset = 0.0  # training seconds of earlier processes (a restored run)
+        self.faults: dict[int, str] = {}
         self.true_gradients: list[tuple[int, torch.Tensor]] = []
         self.keep_true = keep_true_gradients
         self.batches = EpochBatches(self.data["train"], self.batch, cfg.seed) if self.is_first else None
@@ -151,24 +173,60 @@ class StageRunner:
             out[f"stage_{self.i}"] = self.transport.ping_pong(nxt, (self.batch, *self.out_shape), initiator=True)
         return out
 
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a state this runner's stage kept at a checkpoint boundary (see :meth:`run`).
+
+        Nothing is in flight at such a boundary, so the buffers start empty.
+        """
+        self.stage.load_state_dict(state)
+        self.clock_offset = float(state.get("runner", {}).get("train_seconds", 0.0))
+
+    def inject_fault(self, step: int, where: str) -> None:
+        """Fault injection, for tests and drills: at global ``step``, make this stage's ``input``
+        non-finite, or spoil its ``synthesizer`` (NaN weights), before the step runs."""
+        if where not in FAULTS:
+            raise ValueError(f"inject_fault: where must be one of {', '.join(FAULTS)} (got {where!r})")
+        self.faults[step] = where
+
     # -- the loop -----------------------------------------------------------------------
     def run(self, start_step: int = 0) -> dict[str, float]:
-        """Run every global step from ``start_step`` to the end; returns totals."""
+        """Run every global step from ``start_step`` (a checkpoint boundary, or 0) to the end; returns totals."""
         started = self.run_started = time.perf_counter()
         for g in range(start_step, self.schedule.total_steps):
             if self.topology.replica_for(self.i, g) == self.replica:
-                self._train_step(g)
+                try:
+                    self._train_step(g)
+                except Skipped:
+                    pass
             self._boundary(g)
         self._drain()
         self.transport.flush()
-        if self.saved is not None and self.saved[0] == self.schedule.total_steps:
-            # The final state includes what the drain trained (late targets, level-2 rounds).
-            self.saved = (self.saved[0], copy.deepcopy(self.stage.state_dict()))
         wall = time.perf_counter() - started
         return {"wall_seconds": wall, "busy_seconds": wall - self.idle_total, "idle_seconds": self.idle_total}
 
     def _train_step(self, g: int) -> None:
         x, y = self._input(g)
+        try:
+            self._inject(g, x)
+            h, synthetic, target, loss, snapshot = self._compute(g, x, y)
+        except NonFiniteError as e:
+            self._on_fault(g, e)
+        self._send_results(g, x, y, h, synthetic, target, snapshot)
+        self.window.steps += 1
+        if self.is_last:
+            self._report_loss(g, loss)
+
+    def _inject(self, g: int, x: torch.Tensor) -> None:
+        where = self.faults.pop(g, None)
+        if where == "input":
+            x.fill_(float("nan"))
+        elif where == "synthesizer" and self.stage.synthesizer is not None:
+            with torch.no_grad():
+                for p in self.stage.synthesizer.parameters():
+                    p.fill_(float("nan"))
+
+    def _compute(self, g: int, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
+        """Forward, the update from the synthetic (or true) gradient, and the step; no sends."""
         # Backprop pipelines already send true gradients; rounds are for synthesizers.
         true_round = self.schedule.is_true_round(g) and self.k > 1 and self.cfg.method != "backprop"
         # A snapshot of the stage as it is at this forward: to pass the true gradient further down,
@@ -176,7 +234,7 @@ class StageRunner:
         needs_snapshot = not self.is_last and (not self.is_first or self.cfg.sync.bp_lambda > 0)
         snapshot = copy.deepcopy(self.stage.module) if true_round and needs_snapshot else None
         h = self.stage.forward(x)
-        synthetic = None
+        synthetic, loss = None, float("nan")
         if self.is_last:
             loss, target = self.stage.loss_backward(y)
         else:
@@ -186,6 +244,11 @@ class StageRunner:
             else:
                 target = self.stage.backward(synthetic)
         self.stage.step()
+        return h, synthetic, target, loss, snapshot
+
+    def _send_results(self, g: int, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, synthetic: torch.Tensor | None,
+                      target: torch.Tensor | None, snapshot: torch.nn.Module | None) -> None:
+        true_round = self.schedule.is_true_round(g) and self.k > 1 and self.cfg.method != "backprop"
         if not self.is_first:
             up = self.topology.rank_for(self.i - 1, g)
             assert target is not None
@@ -203,15 +266,34 @@ class StageRunner:
                                                 batch_input=x if self.is_first and snapshot is not None else None)
             while len(self.pending) >= self.cfg.runtime.max_in_flight:
                 self._receive_upstream()
-        self.window.steps += 1
-        if self.is_last:
-            self._report_loss(g, loss)
+
+    def _on_fault(self, g: int, error: NonFiniteError) -> NoReturn:
+        """Apply ``train.nonfinite`` to a fault this stage found at step ``g`` (it has not updated)."""
+        policy = self.cfg.train.nonfinite
+        if policy == "stop":
+            raise NonFiniteError(error.stage, error.what,
+                                 f"non-finite {error.what} at stage {error.stage}, step {g + 1} (train.nonfinite=stop)")
+        if policy == "reset" and error.what == "synthetic gradient":
+            self.stage.reset_synthesizer()
+        self._record(g + 1, {f"nonfinite/stage_{self.i}": 1.0})
+        self._skip(g, tell_below=True)
+
+    def _skip(self, g: int, *, tell_below: bool) -> NoReturn:
+        """Drop step ``g`` here and tell the stage above; the one below too when it waits for our target."""
+        if not self.is_last:
+            self.transport.send(self.topology.rank_for(self.i + 1, g), Tag.DOWN, Kind.SKIP, g, None,
+                                labels=torch.zeros(self.batch, dtype=torch.int64))
+        if tell_below and not self.is_first:
+            self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.SKIP, g, None, extra=1)
+        raise Skipped()
 
     def _input(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.batches is not None:
             return self.batches(g)
         src = self.topology.rank_for(self.i - 1, g)
         msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), labels=self.batch)
+        if msg.kind == Kind.SKIP and msg.step == g:  # the stage below dropped this batch: no target is due
+            self._skip(g, tell_below=False)
         if msg.kind != Kind.TRAIN or msg.step != g:
             raise RuntimeError(f"stage {self.i}: expected step {g} from rank {src}, got {msg.kind.name} {msg.step}")
         assert msg.payload is not None and msg.labels is not None
@@ -222,6 +304,11 @@ class StageRunner:
         dst = self.topology.rank_for(self.i + 1, g)
         self.transport.send(dst, Tag.DOWN, Kind.TRAIN, g, h, labels=y)
         msg = self._recv(dst, Tag.UP, payload_shape=(self.batch, *self.out_shape))
+        if msg.kind == Kind.SKIP and msg.step == g:  # dropped above: undo the forward, pass the word down
+            self.stage.abandon()
+            if not self.is_first:
+                self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.SKIP, g, None, extra=1)
+            raise Skipped()
         if msg.kind != Kind.TARGET or msg.step != g:
             raise RuntimeError(f"stage {self.i}: expected the gradient of step {g}, got {msg.kind.name} {msg.step}")
         assert msg.payload is not None
@@ -235,11 +322,13 @@ class StageRunner:
         else:
             src = self.topology.rank_for(self.i + 1, min(self.true_rounds))
         msg = self._recv(src, Tag.UP, payload_shape=(self.batch, *self.out_shape))
-        assert msg.payload is not None
         if msg.kind == Kind.TARGET:
             self._on_target(msg)
         elif msg.kind == Kind.TRUE:
+            assert msg.payload is not None
             self._on_true(msg.step, msg.payload)
+        elif msg.kind == Kind.SKIP:
+            self._on_skip(msg)
         else:
             raise RuntimeError(f"stage {self.i}: unexpected {msg.kind.name} from above")
 
@@ -254,6 +343,15 @@ class StageRunner:
             return
         assert msg.payload is not None
         self.window.synth_losses.append(self.stage.train_synthesizer(item.h, item.labels, msg.payload))
+
+    def _on_skip(self, msg: Message) -> None:
+        """The stage above dropped step ``msg.step``: no target (extra=1) and no true gradient will come."""
+        if msg.extra:
+            item = self.pending.popleft()
+            if item.step != msg.step:
+                raise RuntimeError(f"stage {self.i}: skip for step {msg.step} arrived, expected {item.step}")
+        if self.true_rounds.pop(msg.step, None) is not None and not self.is_first:
+            self.transport.send(self.topology.rank_for(self.i - 1, msg.step), Tag.UP, Kind.SKIP, msg.step, None)
 
     def _local_index(self, g: int) -> int:
         """How many of this replica's steps came before global step ``g``."""
@@ -289,7 +387,21 @@ class StageRunner:
         if (g + 1) % self.cfg.log.every == 0 or g + 1 == self.schedule.total_steps:
             self._report_window(g)
         if self.schedule.checkpoints_after(g):
-            self.saved = (g + 1, copy.deepcopy(self.stage.state_dict()))
+            self._drain()  # a consistent cut: no message crosses a checkpoint
+            state = copy.deepcopy(self.stage.state_dict())
+            state["runner"] = {"train_seconds": self._train_seconds()}
+            self.kept[g + 1] = state
+            for old in sorted(self.kept)[:-KEEP_STATES]:
+                del self.kept[old]
+
+    @property
+    def saved(self) -> tuple[int, dict[str, Any]] | None:
+        """The newest kept state, as (step, state)."""
+        return (max(self.kept), self.kept[max(self.kept)]) if self.kept else None
+
+    def _train_seconds(self) -> float:
+        """Training time from the run's first step, without evaluations (earlier processes included)."""
+        return self.clock_offset + time.perf_counter() - self.run_started - self.eval_seconds
 
     def _average_replicas(self) -> None:
         """Level 3: average parameters, buffers and synthesizer with the other replicas."""
@@ -300,8 +412,8 @@ class StageRunner:
     def _evaluate(self, g: int) -> None:
         """Evaluation through the chain (replica 0 of each stage), in eval mode."""
         start = time.perf_counter()
-        if self.is_last:  # training time so far, from the first step, without evaluations
-            self._record(g + 1, {"time/train_seconds": start - self.run_started - self.eval_seconds})
+        if self.is_last:
+            self._record(g + 1, {"time/train_seconds": self._train_seconds()})
         self.stage.train(False)
         try:
             for split_id, split in enumerate(SPLITS):

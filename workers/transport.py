@@ -54,6 +54,8 @@ class Kind(IntEnum):
     EVAL_END = 2  # downstream: the evaluation pass of a split is over
     TARGET = 3  # upstream: dL/dh for a training step (bootstrapped or true)
     TRUE = 4  # upstream: the true dL/dh of a level-2 round
+    SKIP = 5  # no payload; downstream: this step's batch is dropped; upstream: no true gradient will come,
+    #           and with extra=1 no target either (a non-finite value, under train.nonfinite skip or reset)
 
 
 class Tag(IntEnum):
@@ -206,7 +208,7 @@ class Transport:
                 f"expected {labels}: the two stages disagree on the batch size"
             )
         payload = None
-        if payload_shape is not None and kind not in (Kind.EVAL_END,):
+        if payload_shape is not None and kind not in (Kind.EVAL_END, Kind.SKIP):
             payload = torch.empty(payload_shape, dtype=dtype, device=self.wire)
             self._recv_into(payload, src, tag)
             payload = payload.to(self.device)
