@@ -1,4 +1,4 @@
-"""The ``dni`` command line: train, compare, data.
+"""The ``dni`` command line: train, compare, bench, submit, tensorboard, data.
 
 Errors in what the user gave (config, data, checkpoint, device) print one line,
 ``dni: error: ...``, and exit with status 2; no traceback.
@@ -7,6 +7,7 @@ Errors in what the user gave (config, data, checkpoint, device) print one line,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,6 +133,24 @@ def tensorboard_argv(run_dirs: list[str], *, port: int, host: str = "127.0.0.1")
     return [sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec, "--host", host, "--port", str(port)]
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from dni.submit import DEFAULT_ADDRESS, submit_argv, submit_env
+
+    address = args.address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_ADDRESS
+    argv = submit_argv(args.config, args.overrides, address=address, working_dir=args.working_dir,
+                       python=args.python, wait=not args.no_wait, submission_id=args.submission_id,
+                       excludes=args.exclude)
+    env = submit_env()
+    print(f"dni: submitting to {address}: {' '.join(argv[argv.index('--') + 1:])}", file=sys.stderr)
+    code = subprocess.call(argv, env=env)
+    if code != 0:
+        print(f"dni: error: ray job submit exited with status {code} (see its output above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -191,6 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("config", help="YAML config (see configs/bench/)")
     bench.add_argument("overrides", nargs="*", help="section.key=value overrides")
     bench.set_defaults(func=cmd_bench)
+
+    submit = sub.add_parser(
+        "submit",
+        help="run `dni train` on a Ray cluster as a Ray job",
+        description="Submit `dni train CONFIG backend=ray OVERRIDES` with `ray job submit`, uploading the working "
+        "directory. Token authentication (Ray 2.60's default) is used unless RAY_AUTH_MODE says otherwise; the run "
+        "directory is written on the cluster under log.dir (a relative one becomes ~/dni-runs).",
+    )
+    submit.add_argument("config", help="YAML config, inside the working directory")
+    submit.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    submit.add_argument("--address", help="the cluster's dashboard (default: RAY_DASHBOARD_ADDRESS, else "
+                        "http://127.0.0.1:8265, e.g. through `ray dashboard launch/cluster.yaml`)")
+    submit.add_argument("--working-dir", default=".", help="uploaded with the job (default: %(default)s)")
+    submit.add_argument("--python", default="python", help="the cluster's interpreter with dni installed "
+                        "(default: %(default)s)")
+    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="also leave this out of the upload (gitignore syntax; repeatable), e.g. a large data/ "
+                        "that the nodes already hold")
+    submit.add_argument("--submission-id", help="a name for the job (default: Ray picks one)")
+    submit.add_argument("--no-wait", action="store_true", help="return once submitted; follow with `ray job logs`")
+    submit.set_defaults(func=cmd_submit)
 
     board = sub.add_parser(
         "tensorboard",

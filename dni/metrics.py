@@ -107,9 +107,11 @@ class MetricsLogger:
     def __init__(self, sinks: list[Sink]) -> None:
         self.sinks = sinks
         self.latest: dict[str, float] = {}
+        self.latest_step = 0  # the newest step logged
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.latest.update(scalars)
+        self.latest_step = max(self.latest_step, step)
         for sink in self.sinks:
             sink.write(step, scalars)
 
@@ -118,6 +120,7 @@ class MetricsLogger:
         continues from there without duplicates (a pipeline restarted from a checkpoint)."""
         for sink in self.sinks:
             sink.rewind(step)
+        self.latest_step = step
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         for sink in self.sinks:

@@ -37,7 +37,7 @@ CHECKPOINTS = "checkpoints"
 def create_run_dir(cfg: Config) -> Path:
     """A new, empty run directory for ``cfg`` holding its resolved config."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.log.dir) / f"{cfg.name}-{stamp}"
+    base = Path(cfg.log.dir).expanduser() / f"{cfg.name}-{stamp}"
     path, n = base, 1
     while path.exists():  # two runs started within the same second
         path, n = Path(f"{base}-{n}"), n + 1

@@ -35,5 +35,5 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     fi
   fi
 fi
-pip_q -e ".[dev]"
+pip_q -e ".[dev,cluster]"
 "$VPY" -c "import torch, dni; print(f'setup: dni ready (torch {torch.__version__}, cuda={torch.cuda.is_available()})')"

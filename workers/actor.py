@@ -31,8 +31,9 @@ class StageActor:
         self.runner: StageRunner | None = None
 
     def resources(self) -> dict[str, Any]:
-        """Where this worker runs: node IP, GPU ids Ray gave it, and its torch device."""
-        return {"node": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids(), "device": str(self.device)}
+        """Where this worker runs: node IP and id, GPU ids Ray gave it, and its torch device."""
+        return {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": ray.get_gpu_ids(), "device": str(self.device)}
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port, for the process group to meet at."""

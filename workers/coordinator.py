@@ -149,8 +149,10 @@ class Coordinator:
         self.logger: MetricsLogger | None = None
         self.start_step = 0
         self.states: list[dict[str, Any]] | None = None  # per rank: where the workers start from
-        self.restarts: list[dict[str, Any]] = []
+        self.restarts: list[dict[str, Any]] = []  # the failures survived
+        self.failures = 0
         self._runs: list[Any] = []  # the workers' run() calls
+        self.nodes: list[str] = []  # the Ray node of each worker, by rank
         self._failed: tuple[WorkerError, float] | None = None  # the failure being recovered from, and when
         self.resumed_from = self._load_checkpoint(required=True) if resume else None
 
@@ -179,6 +181,7 @@ class Coordinator:
         self._get([a.connect.remote(f"tcp://{ip}:{port}") for a in self.actors], "connect the data plane")
         if self.states is not None:
             self._get([a.restore.remote(s) for a, s in zip(self.actors, self.states)], "restore the checkpoint")
+        self.nodes = [r["node_id"] for r in self._get([a.resources.remote() for a in self.actors], "say where they run")]
 
     def _load_checkpoint(self, *, required: bool) -> int:
         """Make the newest readable checkpoint of the run directory the workers' starting point;
@@ -269,8 +272,8 @@ class Coordinator:
                 budget = self.cfg.runtime.max_restarts
                 if not e.restartable:
                     raise
-                if len(self.restarts) >= budget:
-                    raise WorkerError(f"{e}; the run stops: {len(self.restarts)} of runtime.max_restarts={budget} "
+                if self.failures >= budget:
+                    raise WorkerError(f"{e}; the run stops: {self.failures} of runtime.max_restarts={budget} "
                                       "restarts used; resume with `dni train --resume RUN_DIR`",
                                       failure=e.failure, restartable=False) from None
                 self._recover(e)
@@ -280,10 +283,12 @@ class Coordinator:
         the restarted pipeline logs those steps again)."""
         assert self.logger is not None
         detected = time.monotonic()
+        self.failures += 1  # a restart that fails to start counts too
         self._kill_workers()
         step = self._load_checkpoint(required=False)
         self.logger.rewind(step)
-        self._failed = (error, detected)
+        if self._failed is None:  # a failed restart attempt keeps the first failure and its time
+            self._failed = (error, detected)
 
     def _resumed(self) -> None:
         """Record a restart once the new workers hold the checkpoint and are about to train."""
@@ -297,7 +302,7 @@ class Coordinator:
         assert self.logger is not None
         self.logger.log(self.start_step, {"run/restarts": float(len(self.restarts))})
         print(f"dni: warning: {error.failure}; the pipeline restarted from step {self.start_step} in {seconds:.1f} s "
-              f"(restart {len(self.restarts)} of runtime.max_restarts={self.cfg.runtime.max_restarts})",
+              f"(restart {self.failures} of runtime.max_restarts={self.cfg.runtime.max_restarts})",
               file=sys.stderr, flush=True)
 
     # -- watching ---------------------------------------------------------------------------------
@@ -315,7 +320,25 @@ class Coordinator:
         try:
             ray.get(ref)
         except ray.exceptions.RayError as e:  # died, raised, or raised something Ray could not carry
+            # A peer's death often surfaces first as a data-plane error in a live worker: name the dead one.
+            dead = [r for r in self._dead_ranks() if r != rank]
+            if dead and not isinstance(getattr(e, "cause", None), NonFiniteError):
+                who = ", ".join(f"stage worker {self._describe(r)}" for r in dead)
+                raise self._worker_error(f"{who} died (stage worker {rank} saw it first)", e) from None
             raise self._worker_error(f"stage worker {self._describe(rank)} failed", e) from None
+
+    def _dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
+        """The ranks whose actors no longer answer because they died."""
+        refs = [a.pid.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    dead.append(rank)
+        return dead
 
     def _describe(self, rank: int) -> str:
         stage, replica = self.plan.topology.place(rank)
@@ -406,6 +429,6 @@ class Coordinator:
             "sg_cosine": by_stage(latest, "sg/cosine"),
             "sg_rel_error": by_stage(latest, "sg/rel_error"),
             "max_in_flight": cfg.runtime.max_in_flight, "true_every": cfg.sync.true_every,
-            "resumed_from_step": self.resumed_from,
+            "resumed_from_step": self.resumed_from, "nodes": self.nodes,
             "restarts": [{k: r[k] for k in ("failure", "from_step", "seconds_to_resume")} for r in self.restarts],
         }

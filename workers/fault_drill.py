@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,17 +43,26 @@ def _run(cfg: Config, *, progress: Callable[..., None] | None = None,
     return coord, coord.run()
 
 
-def kill_a_worker(cfg: Config, rank: int, at_step: int) -> dict[str, Any]:
-    """SIGKILL worker ``rank``'s process once training passes ``at_step``."""
-    killed: dict[str, float] = {}
+def kill_a_worker(cfg: Config, rank: int, at_step: int, seed: int = 0) -> dict[str, Any]:
+    """SIGKILL worker ``rank``'s process once training passes ``at_step``, from another thread and
+    after a random delay under one ``runtime.poll_s``, so the kill lands at an arbitrary point of
+    the coordinator's polling (the detection time is then representative, not lucky)."""
+    reached, killed = threading.Event(), {}
 
-    def kill(step: int, total: int, latest: dict[str, float]) -> None:
-        if step >= at_step and not killed:
-            pid = ray.get(coord.actors[rank].pid.remote(), timeout=30)
-            killed["time"], killed["step"] = time.monotonic(), step
-            os.kill(pid, signal.SIGKILL)
+    def watch(step: int, total: int, latest: dict[str, float]) -> None:
+        if step >= at_step:
+            reached.set()
 
-    coord = Coordinator(cfg, create_run_dir(cfg), progress=kill)
+    def kill() -> None:
+        reached.wait()
+        pid = ray.get(coord.actors[rank].pid.remote(), timeout=30)
+        time.sleep(random.Random(seed).uniform(0, cfg.runtime.poll_s))
+        killed["time"], killed["step"] = time.monotonic(), coord.logger.latest_step if coord.logger else at_step
+        os.kill(pid, signal.SIGKILL)
+
+    coord = Coordinator(cfg, create_run_dir(cfg), progress=watch)
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
     summary = coord.run()
     (restart,) = coord.restarts
     return {
@@ -95,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/faults")
     parser.add_argument("--rank", type=int, default=1, help="the worker to kill and to poison (default: 1)")
     parser.add_argument("--at", type=float, default=0.5, help="when, as a fraction of the run (default: 0.5)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     out = Path(args.out)
     base = load_config(args.config, [*args.overrides, "backend=ray", f"log.dir={out / 'runs'}", "log.progress=false"])
     total = make_plan(base).schedule.total_steps
     at = int(total * args.at)
     results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "total_steps": total, "at_step": at,
+                               "rank": args.rank,
                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d")}
     results["uninterrupted"] = {"summary": _run(base)[1]}
     results["worker_killed"] = kill_a_worker(base, args.rank, at)
@@ -132,7 +144,7 @@ def table(r: dict[str, Any], command: str) -> str:
         "", f"`{command}` on {r['machine']}, {r['date']}.", "",
         "| run | test accuracy | vs uninterrupted (points) | notes |", "|---|---|---|---|",
         f"| uninterrupted | {acc('uninterrupted'):.4f} | | |",
-        f"| stage worker {w['summary']['restarts'][0]['failure'].split(' ')[2]} killed (SIGKILL) | {acc('worker_killed'):.4f} | "
+        f"| stage worker {r['rank']} killed (SIGKILL) | {acc('worker_killed'):.4f} | "
         f"{w['accuracy_difference_points']:+.2f} | killed at step {w['killed_at_step']}, detected after "
         f"{w['seconds_to_detect']:.2f} s, training again {w['seconds_to_resume']:.1f} s after the kill, from step "
         f"{w['restarted_from_step']} ({w['steps_replayed']} steps replayed) |",
@@ -140,9 +152,9 @@ def table(r: dict[str, Any], command: str) -> str:
         f"{r['driver_killed']['accuracy_difference_points']:+.2f} | resumed from step "
         f"{r['driver_killed']['resumed_from_step']}; the resume command took "
         f"{r['driver_killed']['resume_command_seconds']:.1f} s in all |",
-        f"| NaN input batch, `train.nonfinite=skip` | {acc('nan_batch_skipped'):.4f} | "
+        f"| NaN input batch at worker {r['rank']}, `train.nonfinite=skip` | {acc('nan_batch_skipped'):.4f} | "
         f"{r['nan_batch_skipped']['accuracy_difference_points']:+.2f} | one batch skipped by every stage |",
-        f"| NaN synthesizer, `train.nonfinite=reset` | {acc('synthesizer_reset'):.4f} | "
+        f"| NaN synthesizer at worker {r['rank']}, `train.nonfinite=reset` | {acc('synthesizer_reset'):.4f} | "
         f"{r['synthesizer_reset']['accuracy_difference_points']:+.2f} | synthesizer re-initialised, batch skipped |",
         "",
     ]

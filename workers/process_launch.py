@@ -28,7 +28,7 @@ def _device_for(rank: int, use_cuda: bool) -> torch.device:
 
 
 def _worker(rank: int, cfg_dict: dict[str, Any], plan: Plan, init_method: str, use_cuda: bool, keep_true: int,
-            results: Any) -> None:
+            results: Any, start: dict[str, Any]) -> None:
     try:
         torch.set_num_threads(1)
         cfg = config_from_dict(cfg_dict)
@@ -38,12 +38,16 @@ def _worker(rank: int, cfg_dict: dict[str, Any], plan: Plan, init_method: str, u
         own_gpu = device.type == "cuda" and torch.cuda.device_count() >= plan.topology.world_size
         runner = build_runner(cfg, plan, rank, init_method=init_method, device=device, own_gpu=own_gpu,
                               keep_true_gradients=keep_true)
+        if start.get("state") is not None:
+            runner.restore(torch.load(io.BytesIO(start["state"]), weights_only=True))
+        for step, where in start.get("faults", []):
+            runner.inject_fault(step, where)
         hops = runner.measure_hops()
-        totals = runner.run()
+        totals = runner.run(start.get("step", 0))
         # Tensors go as bytes: a tensor shared through the queue would die with this process.
         results.put((rank, {"pickled": _to_bytes({
             "totals": totals, "hops": hops, "metrics": runner.drain_metrics(),
-            "saved": runner.saved, "true_gradients": runner.true_gradients,
+            "saved": runner.saved, "kept": runner.kept, "true_gradients": runner.true_gradients,
         })}))
         runner.transport.close()
     except BaseException:
@@ -64,10 +68,13 @@ def _check_alive(procs: list[Any], done: dict[int, Any]) -> None:
 
 
 def launch_processes(cfg: Config, *, use_cuda: bool = False, keep_true_gradients: int = 0,
-                     timeout_s: float = 300.0) -> list[dict[str, Any]]:
+                     timeout_s: float = 300.0, start_step: int = 0, states: list[dict[str, Any]] | None = None,
+                     faults: dict[int, list[tuple[int, str]]] | None = None) -> list[dict[str, Any]]:
     """Run the whole pipeline of ``cfg`` in local processes; return each rank's results, by rank.
 
-    Call it under ``if __name__ == "__main__":`` in a script: workers are spawned.
+    Call it under ``if __name__ == "__main__":`` in a script: workers are spawned. ``states``
+    (one per rank, kept at the checkpoint boundary ``start_step``) restores a pipeline there;
+    ``faults`` maps a rank to ``(step, where)`` injections (see ``StageRunner.inject_fault``).
 
     Raises:
         RuntimeError: a worker failed (its traceback is in the message) or the run
@@ -77,7 +84,10 @@ def launch_processes(cfg: Config, *, use_cuda: bool = False, keep_true_gradients
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init = f"tcp://127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_worker, args=(r, cfg.to_dict(), plan, init, use_cuda, keep_true_gradients, results))
+    starts = [{"step": start_step, "state": _to_bytes(states[r]) if states is not None else None,
+               "faults": (faults or {}).get(r, [])} for r in range(plan.topology.world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, cfg.to_dict(), plan, init, use_cuda, keep_true_gradients, results,
+                                               starts[r]))
              for r in range(plan.topology.world_size)]
     for p in procs:
         p.start()
