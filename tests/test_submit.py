@@ -50,6 +50,7 @@ def test_token_authentication_is_on_by_default_and_a_missing_token_is_explained(
 @pytest.fixture
 def local_cluster():
     """Three raylets on this machine (a head without CPUs and two worker nodes), torn down after."""
+    pytest.importorskip("ray")
     pytest.importorskip("aiohttp")  # the dashboard's job server needs ray[default]
     folder = tempfile.mkdtemp(prefix="dnic-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "DNI_CLUSTER_DIR": folder, "DNI_CLUSTER_PORT": "6391", "DNI_DASHBOARD_PORT": "8266"}
