@@ -185,7 +185,9 @@ class CheckpointConfig:
     """Periodic checkpoints of every stage, synthesizer and optimiser."""
 
     every: int = 0
-    """Save every this many steps (0: only at the end)."""
+    """Save every this many steps (0: only at the end). On the Ray runtime each is a consistent cut
+    (stages first receive what they are owed), and a failed worker restarts the pipeline from the
+    newest: with 0, from step 0."""
     keep: int = 3
     """Keep the newest this many checkpoints."""
 

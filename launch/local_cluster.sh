@@ -20,6 +20,9 @@ export RAY_AUTH_MODE=token
 DIR=${DNI_CLUSTER_DIR:-/tmp/dni-cluster}
 PORT=${DNI_CLUSTER_PORT:-6390}
 DASHBOARD_PORT=${DNI_DASHBOARD_PORT:-8265}
+# Each node's dashboard agent needs a port of its own (Ray's default, 52365, is taken by the first
+# Ray instance on a machine, and jobs run only where an agent answers).
+AGENT_PORT=${DNI_AGENT_PORT:-52400}
 
 up() {
   local workers=${1:-2} cpus=${2:-2}
@@ -30,12 +33,22 @@ up() {
   ray get-auth-token --generate >/dev/null  # the shared secret of every node and client
   ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus=0 --num-gpus=0 \
     --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-    --temp-dir="$DIR" --disable-usage-stats >/dev/null
+    --dashboard-agent-listen-port="$AGENT_PORT" --temp-dir="$DIR" --disable-usage-stats >/dev/null
   for i in $(seq 1 "$workers"); do
     ray start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$cpus" --num-gpus=0 \
-      --resources="{\"dni_node_$i\": 1}" --disable-usage-stats >/dev/null
+      --resources="{\"dni_node_$i\": 1}" --dashboard-agent-listen-port=$((AGENT_PORT + i)) \
+      --disable-usage-stats >/dev/null
   done
-  echo "local_cluster: head 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT, $workers worker nodes of $cpus CPUs"
+  # The job server takes jobs only once the head's agent is up: probe it with a no-op job.
+  for _ in $(seq 1 90); do
+    if ray job submit --address="http://127.0.0.1:$DASHBOARD_PORT" --no-wait -- true >/dev/null 2>&1; then
+      echo "local_cluster: head 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT, $workers worker nodes of $cpus CPUs"
+      return 0
+    fi
+    sleep 1
+  done
+  echo "local_cluster: the job server did not accept jobs within 90 s (see $DIR/session_latest/logs)" >&2
+  exit 1
 }
 
 down() {

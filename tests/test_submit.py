@@ -53,10 +53,11 @@ def local_cluster():
     pytest.importorskip("ray")
     pytest.importorskip("aiohttp")  # the dashboard's job server needs ray[default]
     folder = tempfile.mkdtemp(prefix="dnic-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "DNI_CLUSTER_DIR": folder, "DNI_CLUSTER_PORT": "6391", "DNI_DASHBOARD_PORT": "8266"}
+    env = {**os.environ, "DNI_CLUSTER_DIR": folder, "DNI_CLUSTER_PORT": "6391", "DNI_DASHBOARD_PORT": "8266",
+           "DNI_AGENT_PORT": "52410"}
     script = ["bash", str(ROOT / "launch" / "local_cluster.sh")]
-    subprocess.run([*script, "up", "2", "2"], env=env, check=True, timeout=120)
     try:
+        subprocess.run([*script, "up", "2", "2"], env=env, check=True, timeout=150)
         yield "http://127.0.0.1:8266"
     finally:
         subprocess.run([*script, "down"], env=env, check=True, timeout=60)

@@ -12,10 +12,8 @@ worker kill the seconds from the kill to its detection and to training resuming.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -28,9 +26,10 @@ from typing import Any, Callable
 import ray
 import yaml
 
-from dni.config import Config, load_config
+from dni.config import Config
 from dni.run import create_run_dir
 from workers.coordinator import Coordinator
+from workers.measure import machine, measured_config, measurement_parser
 from workers.plan import make_plan
 
 
@@ -100,29 +99,24 @@ def kill_the_driver(cfg: Config, at_step: int, folder: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.fault_drill", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--out", default="results/faults")
+    parser = measurement_parser("python -m workers.fault_drill", __doc__, "results/faults")
     parser.add_argument("--rank", type=int, default=1, help="the worker to kill and to poison (default: 1)")
     parser.add_argument("--at", type=float, default=0.5, help="when, as a fraction of the run (default: 0.5)")
     args = parser.parse_intermixed_args(argv)
     out = Path(args.out)
-    base = load_config(args.config, [*args.overrides, "backend=ray", f"log.dir={out / 'runs'}", "log.progress=false"])
+    base = measured_config(args)
     total = make_plan(base).schedule.total_steps
     at = int(total * args.at)
     results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "total_steps": total, "at_step": at,
                                "rank": args.rank,
-                               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d")}
+                               "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     results["uninterrupted"] = {"summary": _run(base)[1]}
     results["worker_killed"] = kill_a_worker(base, args.rank, at)
     results["driver_killed"] = kill_the_driver(base, at, out / "runs")
-    skip = load_config(args.config, [*args.overrides, "backend=ray", f"log.dir={out / 'runs'}", "log.progress=false",
-                                     "train.nonfinite=skip"])
+    skip = measured_config(args, "train.nonfinite=skip")
     results["nan_batch_skipped"] = {"summary": _run(skip, before=lambda c: ray.get(
         c.actors[args.rank].inject_fault.remote(at, "input")))[1]}
-    reset = load_config(args.config, [*args.overrides, "backend=ray", f"log.dir={out / 'runs'}", "log.progress=false",
-                                      "train.nonfinite=reset"])
+    reset = measured_config(args, "train.nonfinite=reset")
     results["synthesizer_reset"] = {"summary": _run(reset, before=lambda c: ray.get(
         c.actors[args.rank].inject_fault.remote(at, "synthesizer")))[1]}
     ref = results["uninterrupted"]["summary"]["test_accuracy"]

@@ -12,10 +12,8 @@ Linux only (/proc).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -24,9 +22,9 @@ from typing import Any
 
 import ray
 
-from dni.config import load_config
 from dni.run import create_run_dir
 from workers.coordinator import Coordinator
+from workers.measure import machine, measured_config, measurement_parser
 
 BOUND_MIB, BOUND_FRACTION = 32.0, 0.05  # growth allowed per process after the warm-up: the larger of the two
 
@@ -122,15 +120,12 @@ def growth(samples: list[dict[str, Any]], warmup_s: float) -> list[dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--out", default="results/soak")
+    parser = measurement_parser("python -m workers.soak", __doc__, "results/soak")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples (default: 10)")
     parser.add_argument("--warmup", type=float, default=120.0, help="seconds before growth counts (default: 120)")
     args = parser.parse_intermixed_args(argv)
     out = Path(args.out)
-    cfg = load_config(args.config, [*args.overrides, "backend=ray", f"log.dir={out / 'runs'}", "log.progress=false"])
+    cfg = measured_config(args)
     coord = Coordinator(cfg, create_run_dir(cfg))
     started = time.monotonic()
     coord.start()
@@ -147,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = growth(sampler.samples, args.warmup)
     result = {
         "command": " ".join(["python -m workers.soak", args.config, *args.overrides]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
         "minutes": (time.monotonic() - started) / 60, "steps": summary["steps"],
         "test_accuracy": summary["test_accuracy"], "warmup_s": args.warmup,
         "bound": f"RSS may rise at most max({BOUND_MIB:g} MiB, {100 * BOUND_FRACTION:g}%) above its value after the warm-up",

@@ -147,6 +147,7 @@ class StageRunner:
         self.kept: dict[int, dict[str, Any]] = {}  # states at the newest checkpoint boundaries, by step
         self.clock_offset = 0.0  # training seconds of earlier processes (a restored run)
         self.faults: dict[int, str] = {}
+        self._sent_down = -1  # the newest step whose activation went downstream from a locked stage
         self.true_gradients: list[tuple[int, torch.Tensor]] = []
         self.keep_true = keep_true_gradients
         self.batches = EpochBatches(self.data["train"], self.batch, cfg.seed) if self.is_first else None
@@ -280,7 +281,7 @@ class StageRunner:
 
     def _skip(self, g: int, *, tell_below: bool) -> NoReturn:
         """Drop step ``g`` here and tell the stage above; the one below too when it waits for our target."""
-        if not self.is_last:
+        if not self.is_last and self._sent_down != g:  # (a locked stage may have sent h before its fault)
             self.transport.send(self.topology.rank_for(self.i + 1, g), Tag.DOWN, Kind.SKIP, g, None,
                                 labels=torch.zeros(self.batch, dtype=torch.int64))
         if tell_below and not self.is_first:
@@ -303,6 +304,7 @@ class StageRunner:
         """Backprop through a pipeline without synthesizers: send h, wait for dL/dh."""
         dst = self.topology.rank_for(self.i + 1, g)
         self.transport.send(dst, Tag.DOWN, Kind.TRAIN, g, h, labels=y)
+        self._sent_down = g
         msg = self._recv(dst, Tag.UP, payload_shape=(self.batch, *self.out_shape))
         if msg.kind == Kind.SKIP and msg.step == g:  # dropped above: undo the forward, pass the word down
             self.stage.abandon()
