@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", help="the cluster's dashboard (default: RAY_DASHBOARD_ADDRESS, else "
                         "http://127.0.0.1:8265, e.g. through `ray dashboard launch/cluster.yaml`)")
     submit.add_argument("--working-dir", default=".", help="uploaded with the job (default: %(default)s)")
-    submit.add_argument("--python", default="python", help="the cluster's interpreter with dni installed "
+    submit.add_argument("--python", default="python3", help="the cluster's interpreter with dni installed "
                         "(default: %(default)s)")
     submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="also leave this out of the upload (gitignore syntax; repeatable), e.g. a large data/ "

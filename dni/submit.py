@@ -26,7 +26,7 @@ EXCLUDES = [".venv", ".git", "runs", "results", "**/__pycache__", "*.egg-info", 
 DEFAULT_LOG_DIR = "~/dni-runs"
 
 
-def submit_argv(config: str, overrides: list[str], *, address: str, working_dir: str = ".", python: str = "python",
+def submit_argv(config: str, overrides: list[str], *, address: str, working_dir: str = ".", python: str = "python3",
                 wait: bool = True, submission_id: str | None = None, excludes: list[str] | None = None) -> list[str]:
     """The ``ray job submit`` command that trains ``config`` with ``overrides`` on the Ray runtime.
 

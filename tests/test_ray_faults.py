@@ -77,7 +77,7 @@ def test_a_killed_stage_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(
     killed: list[float] = []
 
     def kill_once(step: int, total: int, latest: dict) -> None:
-        if step >= 20 and not killed:
+        if step >= 20 and coord.last_checkpoint >= 9 and not killed:
             killed.append(kill_process_of(coord.actors[1]))
 
     coord = Coordinator(cfg, run_dir, progress=kill_once)

@@ -25,7 +25,7 @@ def test_the_job_runs_dni_train_on_the_runtime_from_the_uploaded_working_dir() -
     assert job[1:5] == ["-m", "ray.scripts.scripts", "job", "submit"] and "--no-wait" not in job
     env = json.loads(job[job.index("--runtime-env-json") + 1])
     assert env["working_dir"] == str(ROOT) and {".venv", ".git", "runs"} <= set(env["excludes"])
-    assert entrypoint == ["python", "-m", "dni.cli", "train", "configs/debug.yaml", "backend=ray", "train.epochs=2",
+    assert entrypoint == ["python3", "-m", "dni.cli", "train", "configs/debug.yaml", "backend=ray", "train.epochs=2",
                           "log.dir=~/dni-runs", "--no-progress"]
     kept = submit_argv(DEBUG, ["log.dir=/shared/runs"], address="x", working_dir=str(ROOT), wait=False)
     assert "--no-wait" in kept and kept.count("log.dir=/shared/runs") == 1 and "log.dir=~/dni-runs" not in kept
