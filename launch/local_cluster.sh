@@ -52,14 +52,19 @@ up() {
 }
 
 down() {
-  # Only this cluster's processes: their command lines name its temporary folder. Workers
-  # die with their raylets.
-  pkill -TERM -f -- "$DIR/session" || true
+  # Only this cluster's processes: their command lines name its temporary folder, and their
+  # children (the agents, whose process titles do not), collected before their parents go.
+  local pids children
+  pids=$(pgrep -f -- "$DIR/session" || true)
+  children=$(for p in $pids; do pgrep -P "$p" || true; done)
+  [ -n "$pids$children" ] && kill -TERM $pids $children 2>/dev/null || true
   for _ in $(seq 1 50); do
-    pgrep -f -- "$DIR/session" >/dev/null || break
+    alive=""
+    for p in $pids $children; do kill -0 "$p" 2>/dev/null && alive="$alive $p"; done
+    [ -z "$alive" ] && break
     sleep 0.2
   done
-  pkill -KILL -f -- "$DIR/session" || true
+  [ -n "${alive:-}" ] && kill -KILL $alive 2>/dev/null || true
   echo "local_cluster: down"
 }
 
