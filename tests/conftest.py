@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -94,3 +98,18 @@ def ray_cluster():
     ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every row of a run's ``metrics.jsonl``, in file order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """Every logged (step, train/loss), in file order: duplicates and gaps show."""
+    return [(r["step"], r["train/loss"]) for r in metric_rows(run_dir) if "train/loss" in r]
+
+
+def all_finite(state: dict) -> bool:
+    """Whether every floating-point tensor of a state dict is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if torch.is_tensor(t) and t.is_floating_point())

@@ -22,7 +22,7 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from conftest import runtime_config  # noqa: E402
+from conftest import all_finite, losses, metric_rows, runtime_config  # noqa: E402
 from dni.checkpoint import CheckpointError, list_checkpoints, load_latest  # noqa: E402
 from dni.cli import main  # noqa: E402
 from dni.config import Config  # noqa: E402
@@ -42,15 +42,6 @@ def fault_config(idx_folder: str, log_dir: Path, **sections: Any) -> Config:
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return runtime_config(idx_folder, **base)
-
-
-def rows(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    """Every logged (step, train/loss), in file order: duplicates and gaps show."""
-    return [(r["step"], r["train/loss"]) for r in rows(run_dir) if "train/loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,7 @@ def test_a_killed_stage_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(
     ref_dir, ref_summary = reference
     assert losses(run_dir) == losses(ref_dir)  # every step once, with the very same values
     assert summary["test_accuracy"] == ref_summary["test_accuracy"]
-    assert [r["step"] for r in rows(run_dir) if "run/restarts" in r] == [restart["from_step"]]
+    assert [r["step"] for r in metric_rows(run_dir) if "run/restarts" in r] == [restart["from_step"]]
 
 
 def test_failures_beyond_the_budget_stop_the_run_with_the_checkpoint_kept(ray_cluster, idx_folder: str,
@@ -164,7 +155,7 @@ def test_resume_refuses_a_checkpoint_of_another_backend(idx_folder: str, tmp_pat
 
 
 def nonfinite_steps(run_dir: Path, stage: int) -> list[int]:
-    return [r["step"] for r in rows(run_dir) if r.get(f"nonfinite/stage_{stage}")]
+    return [r["step"] for r in metric_rows(run_dir) if r.get(f"nonfinite/stage_{stage}")]
 
 
 @pytest.mark.parametrize("method", ["cdni", "backprop"])
@@ -183,7 +174,7 @@ def test_skip_policy_drops_a_poisoned_batch_in_every_stage_and_runs_on(ray_clust
     assert all(torch.isfinite(torch.tensor(v)) for _, v in losses(run_dir))
     assert 0 <= summary["test_accuracy"] <= 1
     for replicas in load_latest(run_dir / "checkpoints")["stages"]:
-        assert all(torch.isfinite(t).all() for t in replicas[0]["module"].values() if t.is_floating_point())
+        assert all_finite(replicas[0]["module"])
 
 
 def test_reset_policy_restarts_a_spoilt_synthesizer_and_runs_on(ray_cluster, idx_folder: str, tmp_path: Path) -> None:
@@ -196,4 +187,4 @@ def test_reset_policy_restarts_a_spoilt_synthesizer_and_runs_on(ray_cluster, idx
     assert nonfinite_steps(run_dir, 1) == [6]
     assert [s for s, _ in losses(run_dir)] == [s for s in range(1, 19) if s != 6]
     synth = load_latest(run_dir / "checkpoints")["stages"][1][0]["synthesizer"]
-    assert all(torch.isfinite(t).all() for t in synth.values())
+    assert all_finite(synth)

@@ -12,7 +12,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from conftest import runtime_config  # noqa: E402
+from conftest import losses, runtime_config  # noqa: E402
 from dni.checkpoint import load_latest  # noqa: E402
 from dni.cli import main  # noqa: E402
 from dni.run import create_run_dir  # noqa: E402
@@ -23,11 +23,6 @@ from workers.coordinator import Coordinator, PlacementError, WorkerError  # noqa
 @pytest.fixture
 def cluster(ray_cluster):
     return ray_cluster
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if r.get("train/loss") is not None}
 
 
 def test_each_stage_gets_its_own_gpu_bundle(cluster, idx_folder: str, tmp_path: Path) -> None:
@@ -66,7 +61,7 @@ def test_lock_step_runtime_reproduces_the_reference_trainer(cluster, idx_folder:
         local = Trainer(local_cfg, local_dir).fit()
     finally:
         torch.set_num_threads(threads)
-    got, want = losses(ray_dir), losses(local_dir)
+    got, want = dict(losses(ray_dir)), dict(losses(local_dir))
     assert len(got) == len(want) == 18  # (640 - 64 held out) // 64 = 9 steps per epoch
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import runtime_config
+from conftest import all_finite, runtime_config
 from dni.build import build_pipeline
 from dni.data import load_dataset
 from dni.schedule import epoch_generator
@@ -101,10 +101,6 @@ def test_long_evaluation_passes_with_targets_in_flight_do_not_stall(idx_folder: 
     assert len(evals) == 1 and all(0 <= m["test/accuracy"] <= 1 for m in evals)
 
 
-def finite(state: dict) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in state.values() if torch.is_tensor(t) and t.is_floating_point())
-
-
 def test_a_pipeline_restored_at_a_checkpoint_boundary_replays_the_run_exactly(idx_folder: str, device: torch.device) -> None:
     # Boundaries at 9, 18, 27 are consistent cuts: restoring every stage at 9 must end where the whole run ended.
     cfg = runtime_config(idx_folder, model={"depth": 3}, sync={"true_every": 4}, checkpoint={"every": 9},
@@ -134,4 +130,4 @@ def test_skip_policy_drops_a_poisoned_batch_in_every_stage(idx_folder: str, devi
     assert flagged == [(8, "nonfinite/stage_2"), (13, "nonfinite/stage_0")]
     trained = [s for s, m in results[-1]["metrics"] if "train/loss" in m]
     assert trained == [s for s in range(1, 19) if s not in (8, 13)]
-    assert all(finite(r["saved"][1]["module"]) for r in results)
+    assert all(all_finite(r["saved"][1]["module"]) for r in results)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_splits, tiny_config
+from conftest import all_finite, losses, metric_rows, random_splits, tiny_config
 from dni.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, save_checkpoint
 from dni.config import Config
 from dni.run import create_run_dir
@@ -25,11 +25,6 @@ def run(cfg: Config, tmp_path: Path, *, resume: Path | None = None) -> tuple[Tra
 
 def params(t: Trainer) -> list[torch.Tensor]:
     return [q.detach().clone() for s in t.pipeline.stages for q in s.module.parameters()]
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train/loss"]) for r in rows if r.get("train/loss") is not None]
 
 
 @pytest.mark.parametrize("method", ["backprop", "dni", "cdni"])
@@ -130,7 +125,7 @@ def test_nonfinite_stop_policy_stops_with_a_checkpoint_and_says_where(tmp_path: 
     with pytest.raises(NonFiniteError, match=r"non-finite activation at stage 0, step \d+; stopped with a checkpoint"):
         t.fit()
     state = load_latest(t.run_dir / "checkpoints")
-    assert all(torch.isfinite(v).all() for s in state["stages"] for v in s["module"].values() if v.is_floating_point())
+    assert all(all_finite(s["module"]) for s in state["stages"])
 
 
 def test_nonfinite_skip_policy_skips_the_batch_and_keeps_the_model_finite(tmp_path: Path) -> None:
@@ -139,7 +134,7 @@ def test_nonfinite_skip_policy_skips_the_batch_and_keeps_the_model_finite(tmp_pa
     summary = t.fit()
     assert summary["steps"] == 12 and 0 <= summary["test_accuracy"] <= 1
     assert all(torch.isfinite(q).all() for q in params(t))
-    rows = [json.loads(l) for l in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(t.run_dir)
     assert sum(1 for r in rows if r.get("nonfinite/stage_0")) == 2  # the poisoned batch, once per epoch
 
 
@@ -151,6 +146,6 @@ def test_nonfinite_reset_policy_restarts_a_spoilt_synthesizer(tmp_path: Path) ->
         synth.out.weight.fill_(float("nan"))  # a spoilt synthesizer
     t.fit()
     assert torch.isfinite(synth.out.weight).all()
-    rows = [json.loads(l) for l in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(t.run_dir)
     assert [r["step"] for r in rows if r.get("nonfinite/stage_1")] == [1]
     assert all(torch.isfinite(q).all() for q in params(t))

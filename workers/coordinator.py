@@ -55,13 +55,6 @@ class WorkerError(RunError):
         super().__init__(message)
         self.failure, self.restartable = failure or message, restartable
 
-    def __reduce__(self):
-        return (_worker_error, (str(self), self.failure, self.restartable))
-
-
-def _worker_error(message: str, failure: str, restartable: bool) -> WorkerError:
-    return WorkerError(message, failure=failure, restartable=restartable)
-
 
 def ensure_ray(runtime: RuntimeConfig, *, cpus_needed: float) -> bool:
     """Connect to Ray: the configured cluster, RAY_ADDRESS, or a new local instance on 127.0.0.1.
@@ -296,9 +289,10 @@ class Coordinator:
             return
         error, detected = self._failed
         self._failed = None
-        seconds = time.monotonic() - detected
-        self.restarts.append({"failure": error.failure, "from_step": self.start_step, "seconds_to_resume": seconds,
-                              "detected": detected, "resumed": detected + seconds})
+        resumed = time.monotonic()
+        seconds = resumed - detected
+        self.restarts.append({"failure": error.failure, "from_step": self.start_step, "detected": detected,
+                              "resumed": resumed})
         assert self.logger is not None
         self.logger.log(self.start_step, {"run/restarts": float(len(self.restarts))})
         print(f"dni: warning: {error.failure}; the pipeline restarted from step {self.start_step} in {seconds:.1f} s "
@@ -430,5 +424,6 @@ class Coordinator:
             "sg_rel_error": by_stage(latest, "sg/rel_error"),
             "max_in_flight": cfg.runtime.max_in_flight, "true_every": cfg.sync.true_every,
             "resumed_from_step": self.resumed_from, "nodes": self.nodes,
-            "restarts": [{k: r[k] for k in ("failure", "from_step", "seconds_to_resume")} for r in self.restarts],
+            "restarts": [{"failure": r["failure"], "from_step": r["from_step"],
+                          "seconds_to_resume": r["resumed"] - r["detected"]} for r in self.restarts],
         }

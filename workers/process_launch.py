@@ -38,12 +38,12 @@ def _worker(rank: int, cfg_dict: dict[str, Any], plan: Plan, init_method: str, u
         own_gpu = device.type == "cuda" and torch.cuda.device_count() >= plan.topology.world_size
         runner = build_runner(cfg, plan, rank, init_method=init_method, device=device, own_gpu=own_gpu,
                               keep_true_gradients=keep_true)
-        if start.get("state") is not None:
+        if start["state"] is not None:
             runner.restore(torch.load(io.BytesIO(start["state"]), weights_only=True))
-        for step, where in start.get("faults", []):
+        for step, where in start["faults"]:
             runner.inject_fault(step, where)
         hops = runner.measure_hops()
-        totals = runner.run(start.get("step", 0))
+        totals = runner.run(start["step"])
         # Tensors go as bytes: a tensor shared through the queue would die with this process.
         results.put((rank, {"pickled": _to_bytes({
             "totals": totals, "hops": hops, "metrics": runner.drain_metrics(),

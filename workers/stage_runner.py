@@ -217,6 +217,10 @@ class StageRunner:
         if self.is_last:
             self._report_loss(g, loss)
 
+    def _is_true_round(self, g: int) -> bool:
+        # Backprop pipelines already send true gradients; rounds are for synthesizers.
+        return self.schedule.is_true_round(g) and self.k > 1 and self.cfg.method != "backprop"
+
     def _inject(self, g: int, x: torch.Tensor) -> None:
         where = self.faults.pop(g, None)
         if where == "input":
@@ -228,8 +232,7 @@ class StageRunner:
 
     def _compute(self, g: int, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
         """Forward, the update from the synthetic (or true) gradient, and the step; no sends."""
-        # Backprop pipelines already send true gradients; rounds are for synthesizers.
-        true_round = self.schedule.is_true_round(g) and self.k > 1 and self.cfg.method != "backprop"
+        true_round = self._is_true_round(g)
         # A snapshot of the stage as it is at this forward: to pass the true gradient further down,
         # and for the BP(lambda) correction.
         needs_snapshot = not self.is_last and (not self.is_first or self.cfg.sync.bp_lambda > 0)
@@ -249,7 +252,7 @@ class StageRunner:
 
     def _send_results(self, g: int, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, synthetic: torch.Tensor | None,
                       target: torch.Tensor | None, snapshot: torch.nn.Module | None) -> None:
-        true_round = self.schedule.is_true_round(g) and self.k > 1 and self.cfg.method != "backprop"
+        true_round = self._is_true_round(g)
         if not self.is_first:
             up = self.topology.rank_for(self.i - 1, g)
             assert target is not None
@@ -308,9 +311,7 @@ class StageRunner:
         msg = self._recv(dst, Tag.UP, payload_shape=(self.batch, *self.out_shape))
         if msg.kind == Kind.SKIP and msg.step == g:  # dropped above: undo the forward, pass the word down
             self.stage.abandon()
-            if not self.is_first:
-                self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.SKIP, g, None, extra=1)
-            raise Skipped()
+            self._skip(g, tell_below=True)
         if msg.kind != Kind.TARGET or msg.step != g:
             raise RuntimeError(f"stage {self.i}: expected the gradient of step {g}, got {msg.kind.name} {msg.step}")
         assert msg.payload is not None
