@@ -1,6 +1,6 @@
 """From a :class:`~dni.config.Config` to decoupled stages.
 
-Each stage is built from its own seed (:func:`dni.models.stage_seed`), so the
+Each stage is built from its seed (:func:`dni.models.stage_seed`), so the
 single-process trainer and a worker that owns one stage build identical stages.
 """
 
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from dni.config import Config
-from dni.models import activation_shapes, build_stage, build_stages, stage_seed
+from dni.config import Config, ConfigError
+from dni.data.spec import DataSpec
+from dni.losses import resolve_loss
+from dni.models import activation_shapes, build_stages, stage_seed
+from dni.optim import OptimizerSpec
 from dni.pipeline import Pipeline
 from dni.stage import DecoupledStage, StageOptions
 from dni.synthesizer import Synthesizer, make_synthesizer
@@ -17,21 +20,40 @@ from dni.synthesizer import Synthesizer, make_synthesizer
 
 def stage_options(cfg: Config, total_steps: int) -> StageOptions:
     """The per-stage learning options of a run of ``total_steps`` steps."""
+    t = cfg.train
+
+    def spec(kind: str, weight_decay: float) -> OptimizerSpec:
+        sgd = kind == "sgd"
+        return OptimizerSpec(kind, weight_decay, t.momentum if sgd else 0.0, t.nesterov and sgd)
+
     return StageOptions(
-        lr=cfg.train.lr,
+        lr=t.lr,
         synth_lr=cfg.synthesizer.lr,
-        weight_decay=cfg.train.weight_decay,
+        optimizer=spec(t.optimizer, t.weight_decay),
+        synth_optimizer=spec(cfg.synthesizer.optimizer or t.optimizer, 0.0),
         synth_loss_weight=cfg.synthesizer.loss_weight,
         p_update=cfg.synthesizer.p_update,
-        schedule=cfg.train.schedule,
+        schedule=t.schedule,
         total_steps=total_steps,
     )
 
 
-def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...], num_classes: int) -> Synthesizer | None:
+def check_context(cfg: Config, data: DataSpec) -> None:
+    """cDNI conditions on the labels: they must exist as classes or float targets.
+
+    Raises:
+        ConfigError: cDNI on data without labels.
+    """
+    if cfg.method == "cdni" and data.labels_per_example == 0:
+        raise ConfigError("method: cdni conditions its synthesizers on the labels, and this data has none; "
+                          "use method=dni")
+
+
+def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...], data: DataSpec) -> Synthesizer | None:
     """The synthesizer of stage ``index``'s output; None for backprop. Seeded per stage."""
     if cfg.method == "backprop":
         return None
+    check_context(cfg, data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stage_seed(cfg.seed, index) + 1)
         return make_synthesizer(
@@ -39,44 +61,43 @@ def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...]
             hidden_layers=cfg.synthesizer_hidden_layers,
             hidden_width=cfg.synthesizer.hidden_width,
             batch_norm=cfg.synthesizer.batch_norm,
-            num_classes=num_classes,
+            num_classes=data.num_classes,
             conditioned=cfg.method == "cdni",
+            context_size=data.context_size,
         )
 
 
-def build_decoupled_stage(
-    cfg: Config,
-    index: int,
-    *,
-    in_shape: tuple[int, ...],
-    num_classes: int,
-    output_shape: tuple[int, ...],
-    num_stages: int,
-    total_steps: int,
-    device: torch.device,
-) -> DecoupledStage:
-    """Stage ``index`` with its synthesizer and optimisers, on ``device``."""
-    module = build_stage(cfg.model, index, in_shape, num_classes, seed=cfg.seed).to(device)
+def decoupled_stage(cfg: Config, module: torch.nn.Module, index: int, *, data: DataSpec, output_shape: tuple[int, ...],
+                    num_stages: int, total_steps: int, device: torch.device) -> DecoupledStage:
+    """``module`` as stage ``index`` of ``num_stages``, with its synthesizer and optimisers, on ``device``."""
     is_last = index == num_stages - 1
-    synth = None if is_last else build_synthesizer(cfg, index, output_shape, num_classes)
-    if synth is not None:
-        synth = synth.to(device)
+    synth = None if is_last else build_synthesizer(cfg, index, output_shape, data)
     return DecoupledStage(
-        index, module, synth, is_last=is_last, options=stage_options(cfg, total_steps), seed=cfg.seed
+        index, module.to(device), synth.to(device) if synth is not None else None, is_last=is_last,
+        options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss),
     )
 
 
-def build_pipeline(
-    cfg: Config, in_shape: tuple[int, ...], num_classes: int, *, total_steps: int, device: torch.device
-) -> Pipeline:
+def model_stages(cfg: Config, data: DataSpec) -> tuple[list[torch.nn.Module], list[tuple[int, ...]]]:
+    """The configured model's stages and each one's per-example output shape.
+
+    Raises:
+        ConfigError: a model that cannot be built or run on the data, or a ``stages`` list of the
+            wrong length.
+    """
+    modules = build_stages(cfg.model, data.in_shape, data.num_classes, seed=cfg.seed)
+    if cfg.stages and len(cfg.stages) != len(modules):
+        raise ConfigError(f"stages: has {len(cfg.stages)} entries but the model has {len(modules)} stages; "
+                          "give one entry per stage or none")
+    return modules, activation_shapes(modules, data.in_shape, dtype=data.in_dtype)
+
+
+def build_pipeline(cfg: Config, data: DataSpec, *, total_steps: int, device: torch.device) -> Pipeline:
     """All stages of the configured run as a single-process :class:`Pipeline`."""
-    shapes = activation_shapes(build_stages(cfg.model, in_shape, num_classes, seed=cfg.seed), in_shape)
-    k = len(shapes)
+    modules, shapes = model_stages(cfg, data)
     stages = [
-        build_decoupled_stage(
-            cfg, i, in_shape=in_shape, num_classes=num_classes, output_shape=shapes[i],
-            num_stages=k, total_steps=total_steps, device=device,
-        )
-        for i in range(k)
+        decoupled_stage(cfg, m, i, data=data, output_shape=shapes[i], num_stages=len(modules),
+                        total_steps=total_steps, device=device)
+        for i, m in enumerate(modules)
     ]
-    return Pipeline(stages)
+    return Pipeline(stages, bp_lambda=cfg.synthesizer.bp_lambda, correction=cfg.sync.bp_lambda)

@@ -16,9 +16,12 @@ from typing import Any, Union
 
 import yaml
 
+from dni.optim import OPTIMIZERS
+
 METHODS = ("backprop", "dni", "cdni")
-MODEL_KINDS = ("fcn", "cnn")
-DATASETS = ("mnist", "cifar10", "idx")
+MODEL_KINDS = ("fcn", "cnn", "custom")
+DATASETS = ("mnist", "cifar10", "idx", "custom")
+LOSSES = ("cross_entropy", "mse")
 BACKENDS = ("local", "ray")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRANSPORTS = ("auto", "gloo", "nccl")
@@ -46,7 +49,15 @@ class ModelConfig:
 
     kind: str = "fcn"
     """``fcn``: ``depth`` hidden Linear-BN-ReLU layers then a Linear classifier (paper FCN-k);
-    ``cnn``: ``depth`` Conv5x5-BN-ReLU(-pool) layers then a Linear classifier (paper CNN-k)."""
+    ``cnn``: ``depth`` Conv5x5-BN-ReLU(-pool) layers then a Linear classifier (paper CNN-k);
+    ``custom``: the stages that ``model.factory`` returns."""
+    factory: str | None = None
+    """``custom`` only: ``"path/to/file.py:function"`` or ``"package.module:function"``, called as
+    ``function(in_shape, num_classes)`` and returning a list of ``torch.nn.Module``, one per stage."""
+    loss: str = "cross_entropy"
+    """The last stage's loss, a batch mean: ``cross_entropy`` (classes on the last dimension of the
+    output, labels of any shape, -1 ignored), ``mse``, or an importable ``"module:function"`` called
+    as ``function(output, labels)``."""
     depth: int = 3
     """Number of hidden layers (the k of FCN-k / CNN-k); the classifier is one more layer."""
     width: int = 256
@@ -59,6 +70,16 @@ class ModelConfig:
 
     def validate(self) -> None:
         _one_of(self.kind, MODEL_KINDS, "model.kind")
+        if self.kind == "custom":
+            _check(bool(self.factory), "model.factory",
+                   "model.kind=custom needs a factory, e.g. model.factory=path/to/model.py:stages")
+            _check(self.boundaries is None, "model.boundaries",
+                   "only for fcn and cnn: a custom factory returns one module per stage; set it to null")
+        else:
+            _check(self.factory is None, "model.factory",
+                   f"only for model.kind=custom (got kind {self.kind!r}); remove it or set model.kind=custom")
+        _check(self.loss in LOSSES or ":" in self.loss, "model.loss",
+               f"must be one of {', '.join(LOSSES)} or an importable module:function (got {self.loss!r})")
         _check(self.depth >= 1, "model.depth", f"must be >= 1 (got {self.depth})")
         _check(self.width >= 1, "model.width", f"must be >= 1 (got {self.width})")
         _check(self.channels >= 1, "model.channels", f"must be >= 1 (got {self.channels})")
@@ -79,9 +100,15 @@ class DataConfig:
     """Which dataset, where it lives, and how much of train is held out."""
 
     name: str = "mnist"
-    """``mnist``, ``cifar10`` or ``idx`` (any folder of standard-named idx files)."""
+    """``mnist``, ``cifar10``, ``idx`` (any folder of standard-named idx files) or ``custom``
+    (the datasets that ``data.factory`` returns)."""
     path: str = "data/mnist"
-    """Folder holding the data (created and filled by ``dni data mnist`` for MNIST)."""
+    """Folder holding the data (created and filled by ``dni data mnist`` for MNIST); passed to a
+    custom factory that takes a ``path`` argument."""
+    factory: str | None = None
+    """``custom`` only: ``"path/to/file.py:function"`` or ``"package.module:function"`` returning
+    ``(train, test)`` or ``(train, val, test)`` ``torch.utils.data.Dataset`` objects of
+    ``(input, label)`` pairs; they are read into memory once."""
     val_size: int = 5000
     """Training examples held out for validation (0: none)."""
     download: bool = True
@@ -89,6 +116,12 @@ class DataConfig:
 
     def validate(self) -> None:
         _one_of(self.name, DATASETS, "data.name")
+        if self.name == "custom":
+            _check(bool(self.factory), "data.factory",
+                   "data.name=custom needs a factory, e.g. data.factory=path/to/data.py:datasets")
+        else:
+            _check(self.factory is None, "data.factory",
+                   f"only for data.name=custom (got {self.name!r}); remove it or set data.name=custom")
         _check(self.val_size >= 0, "data.val_size", f"must be >= 0 (got {self.val_size})")
 
 
@@ -102,7 +135,13 @@ class TrainConfig:
     """Stop after this many steps in total (overrides epochs when smaller)."""
     batch_size: int = 256
     lr: float = 1e-3
-    """Adam learning rate of the network's stages."""
+    """Learning rate of the stages' optimiser."""
+    optimizer: str = "adam"
+    """The stages' optimiser: adam, adamw or sgd (and the synthesizers', unless synthesizer.optimizer)."""
+    momentum: float = 0.0
+    """SGD momentum (train.optimizer or synthesizer.optimizer sgd only)."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD (needs train.momentum > 0)."""
     schedule: str = "cosine"
     """Learning-rate schedule of stages and synthesizers: constant, cosine (to 0) or step (/10 at 60% and 80%)."""
     weight_decay: float = 0.0
@@ -125,6 +164,9 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", f"must be > 0, e.g. 1e-3 (got {self.lr})")
         _one_of(self.schedule, SCHEDULES, "train.schedule")
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
+        _check(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1) (got {self.momentum})")
+        _check(not self.nesterov or self.momentum > 0, "train.nesterov", "needs train.momentum > 0, e.g. 0.9")
         _check(self.eval_every >= 1, "train.eval_every", f"must be >= 1 (got {self.eval_every})")
         _check(self.eval_steps >= 0, "train.eval_steps", f"must be >= 0 (got {self.eval_steps})")
         _one_of(self.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
@@ -141,11 +183,15 @@ class SynthesizerConfig:
     batch_norm: bool = False
     """BatchNorm after each hidden layer."""
     lr: float = 1e-3
-    """Adam learning rate of the synthesizers (their own: targets are per-example gradients)."""
+    """Learning rate of the synthesizers (their own: targets are per-example gradients)."""
+    optimizer: str | None = None
+    """adam, adamw or sgd (with train.momentum and train.nesterov); null: train.optimizer."""
     loss_weight: float = 1.0
     """Weight of the L2 regression loss (paper: 1.0)."""
     bp_lambda: float = 0.0
-    """BP(lambda): 0 = pure synthetic gradients (update-unlocked), 1 = backprop."""
+    """BP(lambda): each stage waits for the gradient from above and backpropagates lambda x that +
+    (1 - lambda) x its synthetic gradient; 0 = pure synthetic gradients (update-unlocked), 1 = backprop.
+    Above 0 the pipeline is locked, on both backends."""
     p_update: float = 1.0
     """Probability that a stage applies its update at a step (paper's random-update experiment)."""
 
@@ -157,6 +203,8 @@ class SynthesizerConfig:
         )
         _check(self.hidden_width >= 1, "synthesizer.hidden_width", f"must be >= 1 (got {self.hidden_width})")
         _check(self.lr > 0, "synthesizer.lr", f"must be > 0, e.g. 1e-3 (got {self.lr})")
+        if self.optimizer is not None:
+            _one_of(self.optimizer, OPTIMIZERS, "synthesizer.optimizer")
         _check(self.loss_weight > 0, "synthesizer.loss_weight", f"must be > 0 (got {self.loss_weight})")
         _check(0.0 <= self.bp_lambda <= 1.0, "synthesizer.bp_lambda", f"must be in [0, 1] (got {self.bp_lambda})")
         _check(0.0 < self.p_update <= 1.0, "synthesizer.p_update", f"must be in (0, 1] (got {self.p_update})")
@@ -171,7 +219,8 @@ class LogConfig:
     every: int = 50
     """Log training scalars every this many steps."""
     grad_every: int = 200
-    """Measure synthetic-vs-true gradient cosine and relative error every this many steps (0: never)."""
+    """Measure synthetic-vs-true gradient cosine and relative error every this many steps (0: never),
+    by a true-gradient round that only measures (see sync.true_every, which also trains on it)."""
     progress: bool = True
     """Show a progress bar on the terminal."""
 
@@ -255,16 +304,20 @@ class SyncConfig:
     """The coordinator's hierarchical synchronisation of the Ray runtime (level 1, neighbour targets, is always on)."""
 
     true_every: int = 0
-    """Level 2: every this many steps, one batch gets a true end-to-end gradient round (0: never)."""
+    """Level 2: every this many steps, one batch gets a true end-to-end gradient round that trains
+    every synthesizer on it and measures it (0: never); on both backends."""
     replica_every: int = 0
     """Level 3: replicas of a stage average parameters and synthesizers every this many of their steps (0: never)."""
     bp_lambda: float = 0.0
-    """On a true round, also update each stage by lambda x (true - synthetic) gradient (BP(lambda) correction)."""
+    """On a level-2 round, also update each stage by lambda x (true - synthetic) gradient, taken at the
+    weights of that batch's forward (a delayed BP(lambda) correction); needs sync.true_every."""
 
     def validate(self) -> None:
         _check(self.true_every >= 0, "sync.true_every", f"must be >= 0 (got {self.true_every})")
         _check(self.replica_every >= 0, "sync.replica_every", f"must be >= 0 (got {self.replica_every})")
         _check(0.0 <= self.bp_lambda <= 1.0, "sync.bp_lambda", f"must be in [0, 1] (got {self.bp_lambda})")
+        _check(self.bp_lambda == 0 or self.true_every > 0, "sync.bp_lambda",
+               "applies on level-2 rounds only: set sync.true_every > 0 too")
 
 
 @dataclass
@@ -303,7 +356,8 @@ class Config:
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     threads: int = 0
-    """torch intra-op threads (0: torch's default)."""
+    """torch intra-op threads of each process (0: torch's default; on backend ray,
+    runtime.cpus_per_stage)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -326,14 +380,20 @@ class Config:
         for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync,
                         self.bench):
             section.validate()
-        n = len(self.model.boundaries) + 1 if self.model.boundaries is not None else self.model.depth + 1
-        _check(
-            not self.stages or len(self.stages) == n,
-            "stages",
-            f"has {len(self.stages)} entries but the model has {n} stages; give one entry per stage or none",
-        )
+        if self.model.kind != "custom":  # a custom model's stages are counted when its factory runs
+            n = len(self.model.boundaries) + 1 if self.model.boundaries is not None else self.model.depth + 1
+            _check(
+                not self.stages or len(self.stages) == n,
+                "stages",
+                f"has {len(self.stages)} entries but the model has {n} stages; give one entry per stage or none",
+            )
+        sgd = "sgd" in (self.train.optimizer, self.synthesizer.optimizer)
+        _check(sgd or (self.train.momentum == 0 and not self.train.nesterov), "train.momentum",
+               "and train.nesterov are for SGD only: set train.optimizer=sgd (or synthesizer.optimizer=sgd), or remove them")
         for i, spec in enumerate(self.stages):
             spec.validate(f"stages[{i}]")
+            _check(self.backend == "ray" or spec.replicas == 1, f"stages[{i}].replicas",
+                   "replicas run on backend: ray only; set backend=ray or remove the entry")
         return self
 
     def replicas(self, stage: int) -> int:

@@ -1,9 +1,11 @@
-"""The paper's networks as lists of layers, and their partition into stages.
+"""Models as lists of stages: the registry of ``model.kind``, the paper's networks, and yours.
 
-A *layer* is the unit the paper decouples (Linear-BN-ReLU, or Conv-BN-ReLU-pool);
-a *stage* is a run of consecutive layers that one worker owns. ``boundaries``
-are the layer indices where a new stage starts; none given decouples every
-layer, as in the paper's tables.
+Every kind is an entry of :data:`MODELS` that returns one ``nn.Module`` per stage:
+``fcn`` and ``cnn`` are the paper's networks, ``custom`` calls the user's
+``model.factory(in_shape, num_classes)``. For the paper's networks a *layer* is the unit
+the paper decouples (Linear-BN-ReLU, or Conv-BN-ReLU-pool) and a *stage* is a run of
+consecutive layers that one worker owns; ``boundaries`` are the layer indices where a
+new stage starts; none given decouples every layer, as in the paper's tables.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dni.config import ModelConfig
+from dni.config import ConfigError, ModelConfig
+from dni.imports import import_object
 
 
 LayerBuilder = Callable[[], nn.Module]
@@ -87,59 +90,123 @@ def partition(num_layers: int, boundaries: list[int] | None) -> list[range]:
     return [range(a, b) for a, b in zip(edges, edges[1:])]
 
 
-def layer_builders(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> list[LayerBuilder]:
-    """The configured model's layers, as builders."""
-    if cfg.kind == "fcn":
-        return fcn_layers(math.prod(in_shape), num_classes, depth=cfg.depth, width=cfg.width)
-    if cfg.kind == "cnn":
-        if len(in_shape) != 3:
-            raise ValueError(f"a CNN needs image inputs (C, H, W), got {in_shape}")
-        return cnn_layers(in_shape, num_classes, depth=cfg.depth, channels=cfg.channels)  # type: ignore[arg-type]
-    raise ValueError(f"unknown model kind {cfg.kind!r}")
-
-
 def stage_seed(seed: int, index: int) -> int:
     """The seed of stage ``index``'s parameters (and of its synthesizer's, offset by one)."""
     return seed * 10_007 + 2 * index
 
 
-def build_stage(cfg: ModelConfig, index: int, in_shape: tuple[int, ...], num_classes: int, *, seed: int) -> nn.Sequential:
-    """Stage ``index`` alone, its parameters drawn from its own seed.
+ModelBuilder = Callable[[ModelConfig, tuple[int, ...], int, int], list[nn.Module]]
+"""``(model config, per-example input shape, num_classes, seed) -> one module per stage``."""
 
-    Any process builds the same stage from the same arguments, without building
-    the others, and torch's global RNG is left as it was.
+MODELS: dict[str, ModelBuilder] = {}
+"""The model registry: ``model.kind`` -> its builder."""
+
+
+def register_model(kind: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder for ``model.kind: kind`` (a decorator)."""
+    def add(builder: ModelBuilder) -> ModelBuilder:
+        MODELS[kind] = builder
+        return builder
+    return add
+
+
+def _per_stage(builders: list[LayerBuilder], boundaries: list[int] | None, seed: int) -> list[nn.Module]:
+    """Group layers into stages, each drawn from its own seed (so a worker's stage does not
+    depend on how the layers before it were drawn)."""
+    stages: list[nn.Module] = []
+    for index, layers in enumerate(partition(len(builders), boundaries)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stage_seed(seed, index))
+            stages.append(nn.Sequential(*(builders[i]() for i in layers)))
+    return stages
+
+
+@register_model("fcn")
+def _fcn(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> list[nn.Module]:
+    return _per_stage(fcn_layers(math.prod(in_shape), num_classes, depth=cfg.depth, width=cfg.width),
+                      cfg.boundaries, seed)
+
+
+@register_model("cnn")
+def _cnn(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> list[nn.Module]:
+    if len(in_shape) != 3:
+        raise ConfigError(f"model.kind: a CNN needs image inputs (C, H, W), got inputs of shape {in_shape}")
+    c, h, w = in_shape
+    return _per_stage(cnn_layers((c, h, w), num_classes, depth=cfg.depth, channels=cfg.channels), cfg.boundaries, seed)
+
+
+@register_model("custom")
+def _custom(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> list[nn.Module]:
+    assert cfg.factory is not None  # validated
+    factory = import_object(cfg.factory, "model.factory")
+    if not callable(factory):
+        raise ConfigError(f"model.factory: {cfg.factory} is a {type(factory).__name__}, not a function")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stage_seed(seed, 0))
+        try:
+            stages = factory(in_shape, num_classes)
+        except Exception as e:
+            raise ConfigError(f"model.factory: {cfg.factory}{(in_shape, num_classes)} raised "
+                              f"{type(e).__name__}: {e}") from None
+    if not isinstance(stages, (list, tuple)) or not stages or not all(isinstance(m, nn.Module) for m in stages):
+        got = type(stages).__name__ if not isinstance(stages, (list, tuple)) else \
+            f"a {type(stages).__name__} of {', '.join(sorted({type(m).__name__ for m in stages})) or 'nothing'}"
+        raise ConfigError(f"model.factory: {cfg.factory} must return a non-empty list of torch.nn.Module, one per "
+                          f"stage (got {got})")
+    return list(stages)
+
+
+def build_stages(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, *, seed: int) -> list[nn.Module]:
+    """Every stage of the configured model, its parameters drawn from ``seed``.
+
+    Any process builds the same stages from the same arguments, and torch's global
+    RNG is left as it was.
+
+    Raises:
+        ConfigError: a custom factory that cannot be imported, raises, or returns no modules.
     """
-    builders = layer_builders(cfg, in_shape, num_classes)
-    stages = partition(len(builders), cfg.boundaries)
+    return MODELS[cfg.kind](cfg, tuple(in_shape), num_classes, seed)
+
+
+def build_stage(cfg: ModelConfig, index: int, in_shape: tuple[int, ...], num_classes: int, *, seed: int) -> nn.Module:
+    """Stage ``index`` alone (see :func:`build_stages`); the other stages are dropped."""
+    stages = build_stages(cfg, in_shape, num_classes, seed=seed)
     if not 0 <= index < len(stages):
         raise ValueError(f"stage index {index} out of range: the model has {len(stages)} stages")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stage_seed(seed, index))
-        return nn.Sequential(*(builders[i]() for i in stages[index]))
+    return stages[index]
 
 
-def num_stages(cfg: ModelConfig) -> int:
-    """How many stages the configured model is cut into."""
-    return len(partition(cfg.depth + 1, cfg.boundaries))
+def activation_shapes(stages: list[nn.Module], in_shape: tuple[int, ...], *,
+                      dtype: torch.dtype = torch.float32) -> list[tuple[int, ...]]:
+    """Per-example output shape of every stage, found by a forward pass of two zero examples
+    of ``dtype`` (integer inputs, e.g. token ids, are zeros too).
 
-
-def build_stages(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, *, seed: int) -> list[nn.Sequential]:
-    """Every stage of the configured model (see :func:`build_stage`)."""
-    return [build_stage(cfg, i, in_shape, num_classes, seed=seed) for i in range(num_stages(cfg))]
-
-
-def activation_shapes(stages: list[nn.Module], in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Per-example output shape of every stage, found by a forward pass of two zero examples."""
+    Raises:
+        ConfigError: a stage cannot take its predecessor's output (the message names the stage).
+    """
     shapes = []
-    x = torch.zeros(2, *in_shape)
+    x = torch.zeros(2, *in_shape, dtype=dtype)
     modes = [s.training for s in stages]
     try:
         with torch.no_grad():
-            for s in stages:
+            for i, s in enumerate(stages):
                 s.eval()  # no batch statistics are touched
-                x = s(x)
+                try:
+                    x = s(x)
+                except Exception as e:
+                    raise ConfigError(f"model: stage {i} failed on an input of shape {tuple(x.shape[1:])} per example "
+                                      f"(the output of stage {i - 1} or the data): {type(e).__name__}: {e}") from None
+                if not isinstance(x, torch.Tensor):
+                    raise ConfigError(f"model: stage {i} returned a {type(x).__name__}; a stage returns one tensor")
                 shapes.append(tuple(x.shape[1:]))
     finally:
         for s, m in zip(stages, modes):
             s.train(m)
     return shapes
+
+
+def describe(cfg: ModelConfig) -> str:
+    """A short name of the configured model for summaries and tables: ``fcn-4``, ``custom:stages``."""
+    if cfg.kind == "custom":
+        return f"custom:{(cfg.factory or '').rpartition(':')[2]}"
+    return f"{cfg.kind}-{cfg.depth}"

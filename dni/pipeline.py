@@ -1,29 +1,35 @@
 """A chain of decoupled stages driven in one process: the reference semantics.
 
-Two schedules, both built from the per-stage rules:
+Every stage takes its step through :func:`dni.engine.train_step`, the same call a
+distributed worker makes. Stage by stage:
 
-* **unlocked** (``bp_lambda == 0``): stage by stage, each stage updates from its
-  synthetic gradient as soon as it has run forward, and its output's target is
-  produced when the next stage runs. This is the order a distributed worker sees.
-* **locked** (``bp_lambda > 0``, or backprop): forward through every stage, then
-  backward from the loss, mixing true and synthetic gradients at each interface
-  (BP(lambda)). With no synthesizers this is plain backprop.
+* an **unlocked** stage (it has a synthesizer, ``bp_lambda == 0``) updates from its
+  synthetic gradient as soon as it has run forward; the rest of the chain then runs on
+  its output, and the target that comes back trains its synthesizer;
+* a **locked** stage (no synthesizer: backprop; or ``bp_lambda > 0``) runs the chain
+  above it first and backpropagates the gradient that comes back, mixed with its
+  synthetic gradient under BP(lambda). With no synthesizers this is plain backprop.
 
-With ``bp_lambda == 0`` both schedules give identical updates; a test checks it.
+True-gradient rounds (``true_round``, see :mod:`dni.true_round`) measure each
+synthesizer against the true gradient of the same batch and, on training rounds, train
+it on that gradient and apply the ``correction`` (``sync.bp_lambda``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dni import rules
+from dni import engine, rules
+from dni.engine import StageStep
+from dni.evaluation import EvalSums
 from dni.stage import DecoupledStage
+from dni.true_round import TrueRound, finish_round
 
 
 @dataclass
@@ -34,6 +40,8 @@ class StepResult:
     synth_losses: dict[int, float] = field(default_factory=dict)
     """Synthesizer regression loss, by the index of the stage whose output it models."""
     updated: list[bool] = field(default_factory=list)
+    scalars: dict[str, float] = field(default_factory=dict)
+    """A true round's measurements (``sg/cosine/stage_i``, ...)."""
 
 
 @contextlib.contextmanager
@@ -55,12 +63,18 @@ class Pipeline:
 
     Args:
         stages: in order; only the last has ``is_last`` and no synthesizer.
+        bp_lambda: BP(lambda) (``synthesizer.bp_lambda``): above 0 every stage is locked and
+            mixes lambda x the gradient from above with (1 - lambda) x its synthetic one.
+        correction: ``sync.bp_lambda``, applied on training true rounds.
     """
 
-    def __init__(self, stages: list[DecoupledStage]) -> None:
+    def __init__(self, stages: list[DecoupledStage], *, bp_lambda: float = 0.0, correction: float = 0.0) -> None:
         if not stages or not stages[-1].is_last or any(s.is_last for s in stages[:-1]):
             raise ValueError("a pipeline needs stages whose last (and only the last) computes the loss")
+        if not 0.0 <= bp_lambda <= 1.0 or not 0.0 <= correction <= 1.0:
+            raise ValueError(f"bp_lambda and correction must be in [0, 1], got {bp_lambda} and {correction}")
         self.stages = stages
+        self.bp_lambda, self.correction = bp_lambda, correction
 
     @property
     def decoupled(self) -> bool:
@@ -71,50 +85,52 @@ class Pipeline:
             s.train(mode)
 
     # -- training ------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, bp_lambda: float = 0.0) -> StepResult:
-        """One step on the batch (x, y). Uses the unlocked schedule when possible."""
-        if self.decoupled and bp_lambda == 0.0:
-            return self._unlocked_step(x, y)
-        return self._locked_step(x, y, bp_lambda)
-
-    def _unlocked_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        result = StepResult(loss=float("nan"))
-        previous: torch.Tensor | None = None  # h of the stage before, waiting for its target
-        for stage in self.stages:
-            h = stage.forward(x)
-            if stage.is_last:
-                result.loss, target = stage.loss_backward(y)
-            else:
-                target = stage.backward(stage.synthetic_gradient(y))
-            result.updated.append(stage.step())
-            if previous is not None and target is not None:
-                upstream = self.stages[stage.index - 1]
-                result.synth_losses[upstream.index] = upstream.train_synthesizer(previous, y, target)
-            previous, x = h, h
-        return result
-
-    def _locked_step(self, x: torch.Tensor, y: torch.Tensor, bp_lambda: float) -> StepResult:
-        result = StepResult(loss=float("nan"))
-        outputs = []
-        for stage in self.stages:
-            x = stage.forward(x)
-            outputs.append(x)
-        result.loss, grad = self.stages[-1].loss_backward(y)
-        updated = [self.stages[-1].step()]
-        for stage in reversed(self.stages[:-1]):
-            target = grad  # dL/dh arriving from above: true, or mixed below the first interface
-            assert target is not None
-            if stage.synthesizer is not None:
-                mixed = rules.bp_lambda_mix(target, stage.synthetic_gradient(y), bp_lambda)
-            else:
-                mixed = target
-            grad = stage.backward(mixed)
-            updated.append(stage.step())
-            if stage.synthesizer is not None:
-                result.synth_losses[stage.index] = stage.train_synthesizer(outputs[stage.index], y, target)
-        result.updated = updated[::-1]
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, true_round: str | None = None) -> StepResult:
+        """One step on the batch (x, y); ``true_round`` is None, ``"measure"`` or ``"train"``."""
+        result = StepResult(loss=math.nan, updated=[False] * len(self.stages))
+        rounds: dict[int, TrueRound] = {}
+        steps = self._run_from(0, x, y, result, rounds, true_round if self.decoupled else None)
+        if rounds:
+            self._finish_rounds(rounds, steps[-1].target, result)
         result.synth_losses = dict(sorted(result.synth_losses.items()))
         return result
+
+    def _run_from(self, i: int, x: torch.Tensor, y: torch.Tensor, result: StepResult, rounds: dict[int, TrueRound],
+                  true_round: str | None) -> list[StageStep]:
+        """Stage ``i`` and every stage above it on this batch; returns their steps, in order."""
+        stage = self.stages[i]
+        above: list[StageStep] = []
+
+        def from_above(h: torch.Tensor) -> torch.Tensor:  # a locked stage: the chain above runs first
+            above.extend(self._run_from(i + 1, h, y, result, rounds, true_round))
+            target = above[0].target
+            assert target is not None
+            return target
+
+        tr = TrueRound.before_forward(stage, x, kind=true_round, bp_lambda=self.correction) if true_round else None
+        locked = engine.is_locked(stage, self.bp_lambda)
+        step = engine.train_step(stage, x, y, from_above=from_above if locked else None, bp_lambda=self.bp_lambda)
+        result.updated[i] = step.updated
+        if stage.is_last:
+            result.loss = step.loss
+        if step.synth_loss is not None:
+            result.synth_losses[i] = step.synth_loss
+        if tr is not None:
+            rounds[i] = tr.after_step(step, y)
+        if not stage.is_last and not locked:  # unlocked: the chain above runs on h now; its target trains M_i
+            above = self._run_from(i + 1, step.h, y, result, rounds, true_round)
+            target = above[0].target
+            assert target is not None
+            result.synth_losses[i] = stage.train_synthesizer(step.h, y, target)
+        return [step, *above]
+
+    def _finish_rounds(self, rounds: dict[int, TrueRound], true_grad: torch.Tensor | None, result: StepResult) -> None:
+        """Pass the true gradient from the top down through every stage's round."""
+        for i in range(len(self.stages) - 2, -1, -1):
+            if true_grad is None:
+                return
+            scalars, true_grad = finish_round(self.stages[i], rounds[i], true_grad, bp_lambda=self.correction)
+            result.scalars.update(scalars)
 
     # -- measurement -----------------------------------------------------------------
     def true_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -149,23 +165,19 @@ class Pipeline:
     # -- evaluation --------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for ``x`` through every stage (in whatever mode the stages are)."""
+        """The last stage's output for ``x`` through every stage (in whatever mode the stages are)."""
         for s in self.stages:
             x = s.module(x)
         return x
 
-    def evaluate(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-        """(mean loss, accuracy) over ``batches``, in eval mode; restores training mode."""
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ...}`` over ``batches`` in eval mode (accuracy for class
+        labels only; empty for no batches); restores training mode."""
         self.train(False)
-        total, correct, loss_sum = 0, 0, 0.0
+        sums = EvalSums(self.stages[-1].loss_fn)
         try:
             for x, y in batches:
-                logits = self.predict(x)
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
-                total += y.numel()
+                sums.add(self.predict(x), y)
         finally:
             self.train(True)
-        if total == 0:
-            return float("nan"), float("nan")
-        return loss_sum / total, correct / total
+        return sums.result()

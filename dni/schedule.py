@@ -52,23 +52,40 @@ class Schedule:
     total_steps: int
     steps_per_epoch: int
     true_every: int = 0
+    measure_every: int = 0
     replica_every: int = 0
     checkpoint_every: int = 0
     eval_every_epochs: int = 1
     eval_every_steps: int = 0
+    log_every: int = 50
 
     @classmethod
     def of(cls, cfg: "Config", total_steps: int, steps_per_epoch: int) -> "Schedule":
         """The schedule of ``cfg`` for a budget of ``total_steps``."""
         return cls(
             total_steps=total_steps, steps_per_epoch=steps_per_epoch, true_every=cfg.sync.true_every,
-            replica_every=cfg.sync.replica_every, checkpoint_every=cfg.checkpoint.every,
-            eval_every_epochs=cfg.train.eval_every, eval_every_steps=cfg.train.eval_steps,
+            measure_every=cfg.log.grad_every, replica_every=cfg.sync.replica_every,
+            checkpoint_every=cfg.checkpoint.every, eval_every_epochs=cfg.train.eval_every,
+            eval_every_steps=cfg.train.eval_steps, log_every=cfg.log.every,
         )
 
+    def true_round(self, step: int) -> str | None:
+        """Level 2: the last step of every ``true_every`` gets a training true-gradient round
+        (``"train"``), the last of every ``measure_every`` (``log.grad_every``) a measuring one
+        (``"measure"``); None for other steps. Numbered from 1, so the last step can be one."""
+        if self.true_every > 0 and (step + 1) % self.true_every == 0:
+            return "train"
+        if self.measure_every > 0 and (step + 1) % self.measure_every == 0:
+            return "measure"
+        return None
+
     def is_true_round(self, step: int) -> bool:
-        """Level 2: the last step of every ``true_every`` gets a true gradient round."""
-        return self.true_every > 0 and (step + 1) % self.true_every == 0
+        """Whether ``step`` has a true-gradient round of either kind."""
+        return self.true_round(step) is not None
+
+    def reports_after(self, step: int) -> bool:
+        """Training scalars are logged after every ``log_every`` steps and the last."""
+        return (step + 1) % self.log_every == 0 or step + 1 == self.total_steps
 
     def syncs_replicas_after(self, step: int) -> bool:
         return self.replica_every > 0 and (step + 1) % self.replica_every == 0

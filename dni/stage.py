@@ -11,14 +11,14 @@ activations (downstream) and gradient targets (upstream).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dni import rules
+from dni.losses import LossFn, cross_entropy
+from dni.optim import OptimizerSpec
 from dni.run import RunError
 from dni.synthesizer import Synthesizer, reinitialise
 
@@ -37,13 +37,6 @@ class NonFiniteError(RunError):
     def __reduce__(self):  # picklable, so that it crosses process boundaries (Ray) intact
         return (NonFiniteError, (self.stage, self.what, str(self)))
 
-    def with_step(self, step: int, checkpoint: object) -> "NonFiniteError":
-        """The same fault, its message completed with the step and the checkpoint saved."""
-        self.args = (f"non-finite {self.what} at stage {self.stage}, step {step + 1}; stopped with a "
-                     f"checkpoint at {checkpoint} (train.nonfinite=skip or reset continues past such "
-                     "batches; lowering train.lr or synthesizer.lr often avoids them)",)
-        return self
-
 
 def _finite(t: torch.Tensor, stage: "DecoupledStage", what: str) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
@@ -54,11 +47,15 @@ def _finite(t: torch.Tensor, stage: "DecoupledStage", what: str) -> torch.Tensor
 
 @dataclass(frozen=True)
 class StageOptions:
-    """How a stage and its synthesizer learn (see :class:`dni.config.SynthesizerConfig`)."""
+    """How a stage and its synthesizer learn (see :class:`dni.config.TrainConfig` and
+    :class:`dni.config.SynthesizerConfig`)."""
 
     lr: float = 1e-3
     synth_lr: float = 1e-4
-    weight_decay: float = 0.0
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    """The stage's optimiser (its weight decay included)."""
+    synth_optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    """The synthesizer's optimiser."""
     synth_loss_weight: float = 1.0
     p_update: float = 1.0
     schedule: str = "constant"
@@ -81,15 +78,6 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     raise ValueError(f"unknown schedule {schedule!r}: use constant, cosine or step")
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    # A parameter-free stage (e.g. a reshape) still gets an optimiser so that its
-    # checkpoints look like every other stage's.
-    return torch.optim.Adam(params or [nn.Parameter(torch.zeros(0))], lr=lr, weight_decay=weight_decay)
-
-
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -106,7 +94,7 @@ class DecoupledStage:
         options: learning rates, schedule and update probability.
         seed: seeds this stage's stochastic-update stream.
         loss_fn: the last stage's loss ``(output, labels) -> scalar``, a batch mean
-            (default cross-entropy).
+            (default :func:`dni.losses.cross_entropy`).
     """
 
     def __init__(
@@ -118,7 +106,7 @@ class DecoupledStage:
         is_last: bool,
         options: StageOptions,
         seed: int,
-        loss_fn: LossFn = F.cross_entropy,
+        loss_fn: LossFn = cross_entropy,
     ) -> None:
         if is_last and synthesizer is not None:
             raise ValueError("the last stage computes the true loss and takes no synthesizer")
@@ -128,10 +116,10 @@ class DecoupledStage:
         self.is_last = is_last
         self.options = options
         self.loss_fn = loss_fn
-        self.optimizer = _adam(list(module.parameters()), options.lr, options.weight_decay)
+        self.optimizer = options.optimizer.build(list(module.parameters()), options.lr)
         self.synth_optimizer = None
         if synthesizer is not None:
-            self.synth_optimizer = _adam(list(synthesizer.parameters()), options.synth_lr, 0.0)
+            self.synth_optimizer = options.synth_optimizer.build(list(synthesizer.parameters()), options.synth_lr)
         self.steps_done = 0  # steps taken (updated or skipped): drives the schedule
         self.update_generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
         self._input: torch.Tensor | None = None

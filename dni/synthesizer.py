@@ -18,13 +18,20 @@ appendix): its first predictions are exactly zero, so the first updates are no-o
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class Synthesizer(nn.Module):
-    """Base class: ``forward(h, context=None)`` returns a tensor shaped like ``h``."""
+    """Base class: ``forward(h, context=None)`` returns a tensor shaped like ``h``.
+
+    A conditioned (cDNI) synthesizer takes the batch's labels as context: integer class
+    labels of any shape (B, ...) enter one-hot (-1, padding or unlabelled, as zeros);
+    float targets enter as they are.
+    """
 
     num_classes: int
     conditioned: bool
@@ -34,9 +41,14 @@ class Synthesizer(nn.Module):
             return None
         if context is None:
             raise ValueError("this synthesizer is conditioned (cDNI): pass the labels as context")
-        if context.dtype in (torch.int64, torch.int32):
-            context = F.one_hot(context.long(), self.num_classes)
+        if not context.is_floating_point():
+            context = F.one_hot(context.long().clamp(min=-1) + 1, self.num_classes + 1)[..., 1:]
         return context.to(h.dtype)
+
+
+def context_size(num_classes: int, label_shape: tuple[int, ...], *, integer: bool) -> int:
+    """Features per example of a flattened context: one-hot classes per label, or the float targets."""
+    return math.prod(label_shape) * (num_classes if integer else 1)
 
 
 def _zero_(layer: nn.Module) -> None:
@@ -64,6 +76,8 @@ class MLPSynthesizer(Synthesizer):
         batch_norm: BatchNorm1d after each hidden linear layer.
         num_classes: classes of the one-hot context; required when ``conditioned``.
         conditioned: cDNI: the input is [h, onehot(y)].
+        context_size: features of the flattened context (default ``num_classes``: one label per
+            example; see :func:`context_size`).
 
     Raises:
         ValueError: on impossible sizes or a conditioned synthesizer without classes.
@@ -78,6 +92,7 @@ class MLPSynthesizer(Synthesizer):
         batch_norm: bool = False,
         num_classes: int = 0,
         conditioned: bool = False,
+        context_size: int | None = None,
     ) -> None:
         super().__init__()
         if features < 1:
@@ -92,7 +107,7 @@ class MLPSynthesizer(Synthesizer):
         self.num_classes = num_classes
         self.conditioned = conditioned
         layers: list[nn.Module] = []
-        width = features + (num_classes if conditioned else 0)
+        width = features + ((num_classes if context_size is None else context_size) if conditioned else 0)
         for _ in range(hidden_layers):
             layers.append(nn.Linear(width, hidden_width))
             if batch_norm:
@@ -107,7 +122,7 @@ class MLPSynthesizer(Synthesizer):
         x = h.flatten(1)  # (B, D)
         c = self._context(h, context)
         if c is not None:
-            x = torch.cat([x, c], dim=1)  # (B, D + classes)
+            x = torch.cat([x, c.flatten(1)], dim=1)  # (B, D + context features)
         return self.out(self.hidden(x)).view_as(h)
 
 
@@ -138,6 +153,7 @@ class ConvSynthesizer(Synthesizer):
         batch_norm: bool = False,
         num_classes: int = 0,
         conditioned: bool = False,
+        context_size: int | None = None,
     ) -> None:
         super().__init__()
         if channels < 1:
@@ -153,7 +169,7 @@ class ConvSynthesizer(Synthesizer):
         self.conditioned = conditioned
         pad = kernel_size // 2
         layers: list[nn.Module] = []
-        width = channels + (num_classes if conditioned else 0)
+        width = channels + ((num_classes if context_size is None else context_size) if conditioned else 0)
         for _ in range(hidden_layers):
             layers.append(nn.Conv2d(width, hidden_channels, kernel_size, padding=pad))
             if batch_norm:
@@ -168,8 +184,47 @@ class ConvSynthesizer(Synthesizer):
         x = h  # (B, C, H, W)
         c = self._context(h, context)
         if c is not None:
-            planes = c[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B, classes, H, W)
+            c = c.flatten(1)
+            planes = c[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B, context features, H, W)
             x = torch.cat([x, planes], dim=1)
+        return self.out(self.hidden(x))
+
+
+class TokenSynthesizer(Synthesizer):
+    """A synthesizer for sequence activations (B, T, D): one MLP applied at every position.
+
+    The cDNI context is one label per position (B, T) (e.g. the next-token targets), one-hot,
+    or one per sequence (B,), repeated at every position.
+
+    Args:
+        features: D of the activation.
+        hidden_layers, hidden_width, num_classes, conditioned: as for :class:`MLPSynthesizer`.
+    """
+
+    def __init__(self, features: int, *, hidden_layers: int = 2, hidden_width: int = 1024, num_classes: int = 0,
+                 conditioned: bool = False) -> None:
+        super().__init__()
+        if features < 1 or hidden_layers not in (0, 1, 2) or hidden_width < 1:
+            raise ValueError(f"bad sizes: features={features}, hidden_layers={hidden_layers}, hidden_width={hidden_width}")
+        if conditioned and num_classes < 1:
+            raise ValueError("a conditioned (cDNI) synthesizer needs num_classes >= 1")
+        self.features, self.num_classes, self.conditioned = features, num_classes, conditioned
+        layers: list[nn.Module] = []
+        width = features + (num_classes if conditioned else 0)
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(width, hidden_width), nn.ReLU()]
+            width = hidden_width
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Linear(width, features)
+        _zero_(self.out)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = h  # (B, T, D)
+        c = self._context(h, context)
+        if c is not None:
+            if c.dim() == 2:  # (B, classes): one label per sequence
+                c = c[:, None, :].expand(-1, h.shape[1], -1)
+            x = torch.cat([x, c], dim=2)  # (B, T, D + classes)
         return self.out(self.hidden(x))
 
 
@@ -181,14 +236,21 @@ def make_synthesizer(
     batch_norm: bool,
     num_classes: int,
     conditioned: bool,
+    context_size: int | None = None,
 ) -> Synthesizer:
     """The synthesizer that fits an activation of per-example shape ``activation_shape``.
 
-    (D,) gets an :class:`MLPSynthesizer`; (C, H, W) a :class:`ConvSynthesizer`.
+    (C, H, W) gets a :class:`ConvSynthesizer`; (T, D) a :class:`TokenSynthesizer` when the
+    context is one label per position or none (``context_size`` None or ``num_classes``);
+    any other shape an :class:`MLPSynthesizer` on the flattened activation.
+    ``context_size``: features of the flattened cDNI context (see :func:`context_size`).
     """
-    common = dict(hidden_layers=hidden_layers, batch_norm=batch_norm, num_classes=num_classes, conditioned=conditioned)
-    if len(activation_shape) == 1:
-        return MLPSynthesizer(activation_shape[0], hidden_width=hidden_width, **common)
+    common = dict(hidden_layers=hidden_layers, num_classes=num_classes, conditioned=conditioned)
     if len(activation_shape) == 3:
-        return ConvSynthesizer(activation_shape[0], hidden_channels=hidden_width, **common)
-    raise ValueError(f"no synthesizer for activations of shape {activation_shape}: expected (D,) or (C, H, W)")
+        return ConvSynthesizer(activation_shape[0], hidden_channels=hidden_width, batch_norm=batch_norm,
+                               context_size=context_size, **common)  # type: ignore[arg-type]
+    per_position = context_size is None or context_size in (num_classes, num_classes * activation_shape[0])
+    if len(activation_shape) == 2 and per_position and not batch_norm:
+        return TokenSynthesizer(activation_shape[1], hidden_width=hidden_width, **common)  # type: ignore[arg-type]
+    return MLPSynthesizer(math.prod(activation_shape), hidden_width=hidden_width, batch_norm=batch_norm,
+                          context_size=context_size, **common)  # type: ignore[arg-type]

@@ -17,12 +17,15 @@ import torch
 from dni.build import build_pipeline
 from dni.checkpoint import load_latest, save_checkpoint
 from dni.config import Config
-from dni.data import Splits, iterate_batches, load_dataset
-from dni.schedule import EpochBatches, Schedule
-from dni.stage import NonFiniteError
+from dni.data import Splits, iterate_batches, load_splits
+from dni.data.spec import DataSpec
+from dni.engine import apply_nonfinite
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
+from dni.models import describe
 from dni.pipeline import Pipeline
 from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
+from dni.schedule import EpochBatches, Schedule
+from dni.stage import NonFiniteError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,15 +81,13 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.splits = splits or load_dataset(
-            cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed, download=cfg.data.download
-        )
+        self.splits = splits or load_splits(cfg.data, seed=cfg.seed)
         self.train_data = self.splits.train.to(self.device)
         self.budget = Budget.of(cfg, len(self.splits.train))
-        in_shape = tuple(self.splits.train.images.shape[1:])
+        self.schedule = Schedule.of(cfg, self.budget.total_steps, self.budget.steps_per_epoch)
         torch.manual_seed(cfg.seed)
         self.pipeline: Pipeline = build_pipeline(
-            cfg, in_shape, self.splits.train.num_classes, total_steps=self.budget.total_steps, device=self.device
+            cfg, DataSpec.of(self.splits.train), total_steps=self.budget.total_steps, device=self.device
         )
         self.progress = progress
         self.step = 0
@@ -143,17 +144,16 @@ class Trainer:
         return summary
 
     def _loop(self) -> None:
-        cfg, budget = self.cfg, self.budget
-        schedule = Schedule.of(cfg, budget.total_steps, budget.steps_per_epoch)
+        cfg, budget, schedule = self.cfg, self.budget, self.schedule
         batches = EpochBatches(self.train_data, cfg.train.batch_size, cfg.seed)
         start = time.perf_counter() - self.elapsed
         window_start, window_steps = time.perf_counter(), 0
         for g in range(self.step, budget.total_steps):
-            scalars = self._train_step(*batches(g))
+            scalars = self._train_step(g, *batches(g))
             self.step = g + 1
             window_steps += 1
             measured = any(k.startswith("sg/cosine/") for k in scalars)
-            if measured or self.step % cfg.log.every == 0 or self.step == budget.total_steps:
+            if measured or schedule.reports_after(g):
                 now = time.perf_counter()
                 scalars["train/samples_per_second"] = window_steps * cfg.train.batch_size / (now - window_start)
                 window_start, window_steps = now, 0
@@ -169,19 +169,13 @@ class Trainer:
             if schedule.checkpoints_after(g):
                 self.save()
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        cfg = self.cfg
+    def _train_step(self, g: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         scalars: dict[str, float] = {}
-        # Measured on steps numbered (1-based) as multiples of grad_every, so the last step is included.
-        if cfg.log.grad_every and self.pipeline.decoupled and (self.step + 1) % cfg.log.grad_every == 0:
-            for i, (cos, rel) in self.pipeline.gradient_agreement(x, y).items():
-                scalars[f"sg/cosine/stage_{i}"] = cos
-                scalars[f"sg/rel_error/stage_{i}"] = rel
         started = time.perf_counter()
         try:
-            result = self.pipeline.train_step(x, y, bp_lambda=cfg.synthesizer.bp_lambda)
+            result = self.pipeline.train_step(x, y, true_round=self.schedule.true_round(g))
         except NonFiniteError as e:
-            return self._on_nonfinite(e)
+            return self._on_nonfinite(g, e)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # count the GPU work in this step's time
         self.step_seconds += time.perf_counter() - started
@@ -189,19 +183,16 @@ class Trainer:
         scalars["train/lr"] = self.pipeline.stages[0].lr
         for i, v in result.synth_losses.items():
             scalars[f"sg/loss/stage_{i}"] = v
+        scalars.update(result.scalars)
         return scalars
 
-    def _on_nonfinite(self, error: NonFiniteError) -> dict[str, float]:
-        """Apply ``train.nonfinite`` to a fault found at this step (no stage updated from it)."""
+    def _on_nonfinite(self, g: int, error: NonFiniteError) -> dict[str, float]:
+        """Apply ``train.nonfinite`` to a fault found at step ``g`` (no stage updated from it)."""
         for stage in self.pipeline.stages:
             stage.abandon()
         policy = self.cfg.train.nonfinite
-        if policy == "stop":
-            path = self.save()
-            raise NonFiniteError(error.stage, error.what).with_step(self.step, path)
-        if policy == "reset" and error.what == "synthetic gradient":
-            self.pipeline.stages[error.stage].reset_synthesizer()
-        return {f"nonfinite/stage_{error.stage}": 1.0}
+        stopped = f"a checkpoint at {self.save()}" if policy == "stop" else ""
+        return apply_nonfinite(policy, error, self.pipeline.stages[error.stage], step=g, stopped=stopped)
 
     def _log(self, scalars: dict[str, float]) -> None:
         assert self.logger is not None
@@ -214,8 +205,8 @@ class Trainer:
         for name, ds in (("val", self.splits.val), ("test", self.splits.test)):
             if len(ds) == 0:
                 continue
-            loss, acc = self.pipeline.evaluate(iterate_batches(ds.to(self.device), 1024, shuffle=False))
-            out[f"{name}/loss"], out[f"{name}/accuracy"] = loss, acc
+            for metric, v in self.pipeline.evaluate(iterate_batches(ds.to(self.device), 1024, shuffle=False)).items():
+                out[f"{name}/{metric}"] = v
         return out
 
     def _summary(self) -> dict[str, Any]:
@@ -227,7 +218,7 @@ class Trainer:
             "name": cfg.name,
             "method": cfg.method,
             "backend": "local",
-            "model": f"{cfg.model.kind}-{cfg.model.depth}",
+            "model": describe(cfg.model),
             "stages": len(self.pipeline.stages),
             "dataset": cfg.data.name,
             "seed": cfg.seed,
@@ -240,6 +231,7 @@ class Trainer:
             "val_accuracy": latest.get("val/accuracy"),
             "test_accuracy": test_acc,
             "test_error": 1.0 - test_acc,
+            "test_loss": latest.get("test/loss"),
             "wall_seconds": self.elapsed,
             "step_seconds": self.step_seconds,
             "seconds_per_step": self.step_seconds / max(self.step, 1),

@@ -76,6 +76,7 @@ def idx_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 def runtime_config(idx_folder: str, **sections: dict) -> Config:
     """A tiny config for the distributed runtime on the idx fixture (10 steps per epoch)."""
     base = dict(
+        backend="ray",
         data={"name": "idx", "path": idx_folder, "val_size": 64},
         model={"kind": "fcn", "depth": 2, "width": 16},
         train={"epochs": 2, "batch_size": 64, "lr": 1e-2, "schedule": "constant"},

@@ -204,7 +204,7 @@ def test_idx_folder_missing_file_lists_names(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_name_lists_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"unknown dataset 'svhn'.*mnist, cifar10, idx"):
+    with pytest.raises(DataError, match=r"unknown dataset 'svhn'.*mnist, cifar10, idx, custom"):
         load_dataset("svhn", tmp_path, val_size=0, seed=0)
 
 

@@ -103,7 +103,10 @@ def test_a_numerical_fault_in_a_worker_stops_the_run_naming_stage_and_fault(clus
 def test_non_finite_errors_survive_pickling() -> None:
     import pickle
 
+    from dni.engine import apply_nonfinite
     from dni.stage import NonFiniteError
 
-    e = pickle.loads(pickle.dumps(NonFiniteError(2, "loss").with_step(7, "ck.pt")))
+    with pytest.raises(NonFiniteError) as raised:
+        apply_nonfinite("stop", NonFiniteError(2, "loss"), None, step=7, stopped="a checkpoint at ck.pt")
+    e = pickle.loads(pickle.dumps(raised.value))
     assert (e.stage, e.what) == (2, "loss") and "step 8" in str(e) and "ck.pt" in str(e)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dni.synthesizer import ConvSynthesizer, MLPSynthesizer, make_synthesizer
+from dni.synthesizer import ConvSynthesizer, MLPSynthesizer, TokenSynthesizer, make_synthesizer
 
 
 @pytest.mark.parametrize("hidden", [0, 1, 2])
@@ -47,14 +47,40 @@ def test_synthesizer_options_are_validated() -> None:
         MLPSynthesizer(4, conditioned=True)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         ConvSynthesizer(4, kernel_size=4)
-    with pytest.raises(ValueError, match="expected \\(D,\\) or \\(C, H, W\\)"):
-        make_synthesizer((2, 3), hidden_layers=0, hidden_width=4, batch_norm=False, num_classes=0, conditioned=False)
+    with pytest.raises(ValueError, match="bad sizes"):
+        TokenSynthesizer(4, hidden_layers=3)
 
 
-def test_make_synthesizer_picks_mlp_or_conv() -> None:
+def test_make_synthesizer_picks_mlp_conv_or_token_by_shape() -> None:
     common = dict(hidden_layers=1, hidden_width=8, batch_norm=True, num_classes=0, conditioned=False)
     assert isinstance(make_synthesizer((16,), **common), MLPSynthesizer)
     assert isinstance(make_synthesizer((4, 7, 7), **common), ConvSynthesizer)
+    assert isinstance(make_synthesizer((2, 3, 4, 5), **common), MLPSynthesizer)  # any other shape: flattened
+    plain = dict(common, batch_norm=False)
+    assert isinstance(make_synthesizer((6, 8), **plain), TokenSynthesizer)
+    s = make_synthesizer((2, 3, 4, 5), **common)
+    assert s(torch.randn(3, 2, 3, 4, 5)).shape == (3, 2, 3, 4, 5)
+
+
+def test_context_of_any_shape_enters_one_hot_with_minus_one_as_zeros() -> None:
+    # One label per token (B, T): a per-position synthesizer sees its own token's one-hot label.
+    s = TokenSynthesizer(2, hidden_layers=0, num_classes=3, conditioned=True)
+    with torch.no_grad():
+        s.out.weight.zero_()
+        s.out.weight[0, 2:] = torch.tensor([1.0, 10.0, 100.0])  # output 0 reads the one-hot label
+    labels = torch.tensor([[0, 2, -1]])  # (B=1, T=3); -1: no label
+    out = s(torch.zeros(1, 3, 2), labels)
+    assert out[0, :, 0].tolist() == [1.0, 100.0, 0.0]
+    # Labels (B, 2) for a flat activation: both one-hot, concatenated.
+    m = MLPSynthesizer(1, hidden_layers=0, num_classes=2, conditioned=True, context_size=4)
+    with torch.no_grad():
+        m.out.weight.copy_(torch.tensor([[0.0, 1.0, 2.0, 4.0, 8.0]]))
+    assert m(torch.zeros(2, 1), torch.tensor([[0, 1], [1, 1]])).flatten().tolist() == [1.0 + 8.0, 2.0 + 8.0]
+    # Float targets enter as they are.
+    f = MLPSynthesizer(1, hidden_layers=0, num_classes=2, conditioned=True)
+    with torch.no_grad():
+        f.out.weight.copy_(torch.tensor([[0.0, 1.0, -1.0]]))
+    assert f(torch.zeros(1, 1), torch.tensor([[0.5, 2.0]])).item() == pytest.approx(-1.5)
 
 
 def test_synthesizers_pass_gradcheck_in_float64() -> None:

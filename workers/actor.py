@@ -32,7 +32,7 @@ class StageActor:
         self.rank, self.plan = rank, plan
         gpus = ray.get_gpu_ids()
         self.device = torch.device("cuda:0") if gpus and torch.cuda.is_available() else torch.device("cpu")
-        torch.set_num_threads(max(1, int(self.cfg.runtime.cpus_per_stage)))
+        torch.set_num_threads(self.cfg.threads or max(1, int(self.cfg.runtime.cpus_per_stage)))
         self.runner: StageRunner | None = None
 
     @ray.method(enable_task_events=False)  # polled

@@ -28,7 +28,8 @@ import torch
 
 from dni.build import build_pipeline
 from dni.config import Config
-from dni.data import load_dataset
+from dni.data import load_splits
+from dni.data.spec import DataSpec
 from dni.schedule import EpochBatches
 from dni.run import create_run_dir
 from dni.trainer import Trainer
@@ -55,13 +56,11 @@ def single_process(cfg: Config, *, threads: int) -> dict[str, float]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        splits = load_dataset(cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed,
-                              download=cfg.data.download)
+        splits = load_splits(cfg.data, seed=cfg.seed)
         bp = dataclasses.replace(cfg, method="backprop")
         total = cfg.bench.warmup + cfg.bench.steps
         torch.manual_seed(cfg.seed)
-        pipe = build_pipeline(bp, tuple(splits.train.images.shape[1:]), splits.train.num_classes,
-                              total_steps=total, device=torch.device("cpu"))
+        pipe = build_pipeline(bp, DataSpec.of(splits.train), total_steps=total, device=torch.device("cpu"))
         batches = EpochBatches(splits.train, cfg.train.batch_size, cfg.seed)
         for g in range(cfg.bench.warmup):
             pipe.train_step(*batches(g))

@@ -19,7 +19,6 @@ the same way (``dni train --resume``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -33,6 +32,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dni.checkpoint import CheckpointError, load_latest, save_checkpoint
 from dni.config import Config, RuntimeConfig
+from dni.imports import with_absolute_paths
+from dni.models import describe
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
 from dni.run import CHECKPOINTS, METRICS_FILE, RunError, write_summary
 from dni.stage import NonFiniteError
@@ -130,8 +131,8 @@ class Coordinator:
 
     def __init__(self, cfg: Config, run_dir: Path, *, progress: Callable[[int, int, dict[str, float]], None] | None = None,
                  resume: bool = False) -> None:
-        # Workers may start in another folder: they get the data path resolved here.
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+        # Workers may start in another folder: they get the data path and the user's files resolved here.
+        cfg = with_absolute_paths(cfg)
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.plan = make_plan(cfg)
         self.actors: list[Any] = []
@@ -411,11 +412,12 @@ class Coordinator:
             busy[name] = t["busy_seconds"] / t["wall_seconds"] if t["wall_seconds"] > 0 else 0.0
         return {
             "name": cfg.name, "method": cfg.method, "backend": "ray",
-            "model": f"{cfg.model.kind}-{cfg.model.depth}", "stages": topo.num_stages,
+            "model": describe(cfg.model), "stages": topo.num_stages,
             "replicas": list(topo.replicas), "dataset": cfg.data.name, "seed": cfg.seed,
             "epochs": sched.total_steps / sched.steps_per_epoch, "steps": sched.total_steps,
             "batch_size": cfg.train.batch_size, "train_loss": latest.get("train/loss"),
             "val_accuracy": latest.get("val/accuracy"), "test_accuracy": test_acc, "test_error": 1.0 - test_acc,
+            "test_loss": latest.get("test/loss"),
             "wall_seconds": wall, "setup_seconds": setup,
             "samples_per_second": sched.total_steps * cfg.train.batch_size / wall if wall > 0 else None,
             "busy_fraction": busy, "hop_latency_ms": self.hops,

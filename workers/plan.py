@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dni.build import model_stages
 from dni.config import Config
-from dni.data import load_dataset
-from dni.models import activation_shapes, build_stages
-from dni.trainer import Budget
+from dni.data import load_splits
+from dni.data.spec import DataSpec
 from dni.schedule import Schedule
+from dni.trainer import Budget
 from workers.topology import Topology
 
 if TYPE_CHECKING:
@@ -22,24 +23,27 @@ if TYPE_CHECKING:
 class Plan:
     """What every worker must agree on, derived once from the config and the data."""
 
-    in_shape: tuple[int, ...]
+    data: DataSpec
     shapes: list[tuple[int, ...]]
-    num_classes: int
+    """Every stage's per-example output shape."""
     topology: Topology
     schedule: Schedule
 
 
 def make_plan(cfg: Config) -> Plan:
-    """Obtain the data (once, in the driver) and derive shapes, topology and schedule."""
-    splits = load_dataset(cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed,
-                          download=cfg.data.download)
-    in_shape = tuple(splits.train.images.shape[1:])
-    num_classes = splits.train.num_classes
-    shapes = activation_shapes(build_stages(cfg.model, in_shape, num_classes, seed=cfg.seed), in_shape)
+    """Obtain the data (once, in the driver), build the model once to check it and find its
+    shapes, and derive topology and schedule.
+
+    Raises:
+        ConfigError, DataError: the model or the data cannot be had as configured.
+    """
+    splits = load_splits(cfg.data, seed=cfg.seed)
+    data = DataSpec.of(splits.train)
+    _, shapes = model_stages(cfg, data)
     budget = Budget.of(cfg, len(splits.train))
     topology = Topology(tuple(cfg.replicas(i) for i in range(len(shapes))))
     schedule = Schedule.of(cfg, budget.total_steps, budget.steps_per_epoch)
-    return Plan(in_shape, shapes, num_classes, topology, schedule)
+    return Plan(data, shapes, topology, schedule)
 
 
 def transport_backend(cfg: Config, device: "torch.device", *, own_gpu: bool) -> str:
@@ -63,12 +67,12 @@ def build_runner(cfg: Config, plan: Plan, rank: int, *, init_method: str, device
     stage, replica = plan.topology.place(rank)
     transport = Transport(rank, plan.topology.world_size, init_method=init_method,
                           backend=transport_backend(cfg, device, own_gpu=own_gpu), device=device, timeout_s=cfg.runtime.timeout_s)
-    data = None
+    datasets = None
     if stage == 0:
-        splits = load_dataset(cfg.data.name, cfg.data.path, val_size=cfg.data.val_size, seed=cfg.seed, download=False)
-        data = {name: getattr(splits, name).to(device) for name in ("train", "val", "test")}
+        splits = load_splits(cfg.data, seed=cfg.seed, download=False)
+        datasets = {name: getattr(splits, name).to(device) for name in ("train", "val", "test")}
     runner = StageRunner(cfg, stage, replica, topology=plan.topology, schedule=plan.schedule, transport=transport,
-                         in_shape=plan.in_shape, shapes=plan.shapes, num_classes=plan.num_classes, device=device,
-                         data=data, keep_true_gradients=keep_true_gradients)
+                         data=plan.data, shapes=plan.shapes, device=device, datasets=datasets,
+                         keep_true_gradients=keep_true_gradients)
     runner.make_groups()
     return runner

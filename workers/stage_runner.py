@@ -3,19 +3,19 @@
 A :class:`StageRunner` owns one replica of one stage (a
 :class:`~dni.stage.DecoupledStage`: module, output synthesizer, optimisers, RNG)
 and a bounded buffer of the activations it has sent downstream whose gradient
-targets have not come back. For each global step it owns, it
+targets have not come back. It is an executor: for each global step it runs the
+actions that :mod:`workers.actions` lists (receive, compute, send, await targets;
+then the boundary's), and the step itself is :func:`dni.engine.train_step`, the
+single-process pipeline's own. A synthesizer is trained on each target as it
+arrives, blocking only when ``max_in_flight`` activations are outstanding
+(backpressure).
 
-  1. gets its input (stage 0: the batch; else the activation from upstream),
-  2. runs forward, updates at once from its synthetic gradient (or, last stage, the loss),
-  3. sends the gradient target upstream and the activation downstream,
-  4. trains its synthesizer on the targets that have arrived, blocking only when
-     ``max_in_flight`` activations are outstanding (backpressure).
-
-Every ``sync.true_every`` steps one batch gets a true end-to-end gradient round
-(level 2): the true gradient travels down the stack, each stage passing it through
-a snapshot of itself taken at that batch's forward, and each synthesizer is
-trained on it and measured against it. Replicas of a stage average parameters
-every ``sync.replica_every`` steps (level 3).
+On true-round steps (level 2: ``sync.true_every``, and ``log.grad_every`` rounds
+that only measure) the true gradient travels down the stack through
+:mod:`dni.true_round`: each stage passes it through a snapshot of itself taken at
+that batch's forward, measures its synthesizer against it and, on training rounds,
+trains it. Replicas of a stage average parameters every ``sync.replica_every``
+steps (level 3).
 
 At a checkpoint boundary each stage first receives every outstanding target and
 true gradient, so the states all stages keep there form a consistent cut: no
@@ -36,21 +36,25 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import torch
-import torch.nn.functional as F
 
-from dni import rules
-from dni.build import build_decoupled_stage
+from dni import engine
+from dni.build import decoupled_stage
 from dni.config import Config
 from dni.data import ArrayDataset, padded_batches
-from dni.stage import DecoupledStage, NonFiniteError
+from dni.data.spec import DataSpec
+from dni.engine import StageStep
+from dni.evaluation import EvalSums
+from dni.models import build_stages
 from dni.schedule import EpochBatches, Schedule
-from workers.topology import Topology
+from dni.stage import DecoupledStage, NonFiniteError
+from dni.true_round import TrueRound, finish_round
+from workers.actions import Action, Op, Role, boundary_actions, train_actions
 from workers.replicas import average_replicas
+from workers.topology import Topology
 from workers.transport import Kind, Message, Tag, Transport
-from workers.true_round import TrueRound, pass_true_gradient
 
 SPLITS = ("val", "test")
 
@@ -88,6 +92,16 @@ class Window:
     queued_max: int = 0
 
 
+@dataclass
+class StepState:
+    """What the actions of one training step hand each other."""
+
+    step: int
+    x: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    result: StageStep | None = None
+
+
 class StageRunner:
     """Runs one replica of one stage.
 
@@ -96,10 +110,10 @@ class StageRunner:
         stage_index, replica: which stage and which of its replicas.
         topology, schedule: shared by all workers (see :mod:`workers.topology`, :mod:`dni.schedule`).
         transport: the data plane, already connected.
-        in_shape, shapes, num_classes: the model's input shape, every stage's
-            per-example output shape, and the number of classes.
+        data: the data's per-example shapes and types (:class:`~dni.data.spec.DataSpec`).
+        shapes: every stage's per-example output shape.
         device: where this stage computes.
-        data: train, val and test sets (needed by stage 0 only).
+        datasets: train, val and test sets (needed by stage 0 only).
         keep_true_gradients: diagnostics: keep the first this many level-2 true gradients
             received (in ``true_gradients``), e.g. to check them against backprop.
     """
@@ -113,11 +127,10 @@ class StageRunner:
         topology: Topology,
         schedule: Schedule,
         transport: Transport,
-        in_shape: tuple[int, ...],
+        data: DataSpec,
         shapes: list[tuple[int, ...]],
-        num_classes: int,
         device: torch.device,
-        data: dict[str, ArrayDataset] | None = None,
+        datasets: dict[str, ArrayDataset] | None = None,
         keep_true_gradients: int = 0,
     ) -> None:
         self.cfg, self.i, self.replica = cfg, stage_index, replica
@@ -126,14 +139,22 @@ class StageRunner:
         self.k = topology.num_stages
         self.is_first, self.is_last = stage_index == 0, stage_index == self.k - 1
         self.batch = cfg.train.batch_size
-        self.in_shape = in_shape if self.is_first else shapes[stage_index - 1]
+        self.in_shape = data.in_shape if self.is_first else shapes[stage_index - 1]
         self.out_shape = shapes[stage_index]
-        self.stage: DecoupledStage = build_decoupled_stage(
-            cfg, stage_index, in_shape=in_shape, num_classes=num_classes, output_shape=self.out_shape,
-            num_stages=self.k, total_steps=schedule.total_steps, device=device,
+        # Every worker builds the whole model from the same seed and keeps only its stage.
+        module = build_stages(cfg.model, data.in_shape, data.num_classes, seed=cfg.seed)[stage_index]
+        self.stage: DecoupledStage = decoupled_stage(
+            cfg, module, stage_index, data=data, output_shape=self.out_shape, num_stages=self.k,
+            total_steps=schedule.total_steps, device=device,
         )
-        self.data = data or {}
-        if self.is_first and "train" not in self.data:
+        self.bp_lambda = cfg.synthesizer.bp_lambda
+        self.role = Role(stage_index, replica, locked=engine.is_locked(self.stage, self.bp_lambda),
+                         rounds=self.k > 1 and cfg.method != "backprop")
+        # Labels travel with every downstream message: how many values, of what type and shape.
+        self.labels_spec: dict[str, Any] = dict(labels=self.batch * data.labels_per_example,
+                                                label_dtype=data.label_dtype, label_shape=(self.batch, *data.label_shape))
+        self.datasets = datasets or {}
+        if self.is_first and "train" not in self.datasets:
             raise ValueError("stage 0 needs the training data")
         self.pending: deque[Pending] = deque()
         self.true_rounds: dict[int, TrueRound] = {}
@@ -150,7 +171,7 @@ class StageRunner:
         self._sent_down = -1  # the newest step whose activation went downstream from a locked stage
         self.true_gradients: list[tuple[int, torch.Tensor]] = []
         self.keep_true = keep_true_gradients
-        self.batches = EpochBatches(self.data["train"], self.batch, cfg.seed) if self.is_first else None
+        self.batches = EpochBatches(self.datasets["train"], self.batch, cfg.seed) if self.is_first else None
 
     # -- setup ------------------------------------------------------------------------
     def make_groups(self) -> None:
@@ -189,37 +210,77 @@ class StageRunner:
             raise ValueError(f"inject_fault: where must be one of {', '.join(FAULTS)} (got {where!r})")
         self.faults[step] = where
 
-    # -- the loop -----------------------------------------------------------------------
+    # -- the loop: an executor of workers.actions ------------------------------------------
     def run(self, start_step: int = 0) -> dict[str, float]:
         """Run every global step from ``start_step`` (a checkpoint boundary, or 0) to the end; returns totals."""
         started = self.run_started = time.perf_counter()
         for g in range(start_step, self.schedule.total_steps):
-            if self.topology.replica_for(self.i, g) == self.replica:
+            actions = train_actions(self.topology, self.schedule, self.role, g)
+            if actions:
                 try:
-                    self._train_step(g)
+                    self._train_step(g, actions)
                 except Skipped:
                     pass
-            self._boundary(g)
+            for action in boundary_actions(self.topology, self.schedule, self.role, g):
+                self._at_boundary(action, g)
         self._drain()
         self.transport.flush()
         wall = time.perf_counter() - started
         return {"wall_seconds": wall, "busy_seconds": wall - self.idle_total, "idle_seconds": self.idle_total}
 
-    def _train_step(self, g: int) -> None:
-        x, y = self._input(g)
+    def _train_step(self, g: int, actions: list[Action]) -> None:
+        state = StepState(g)
+        if self.batches is not None:
+            state.x, state.labels = self.batches(g)
+        for action in actions:
+            self._do(action, state)
+        self.window.steps += 1
+
+    def _do(self, action: Action, state: StepState) -> None:
+        """Execute one training action of step ``state.step``."""
+        g, op, peer = state.step, action.op, action.peer
+        if op is Op.RECEIVE_INPUT:
+            assert peer is not None
+            state.x, state.labels = self._input(g, peer)
+        elif op is Op.COMPUTE:
+            state.result = self._compute(state, peer)
+        elif op in (Op.SEND_TARGET, Op.SEND_TRUE):
+            assert peer is not None and state.result is not None and state.result.target is not None
+            self.transport.send(peer, Tag.UP, Kind.TARGET if op is Op.SEND_TARGET else Kind.TRUE, g, state.result.target)
+        elif op is Op.SEND_ACTIVATION:
+            assert peer is not None and state.result is not None and state.labels is not None
+            self.transport.send(peer, Tag.DOWN, Kind.TRAIN, g, state.result.h, labels=state.labels)
+            self.pending.append(Pending(g, state.result.h, state.labels))
+            self.window.in_flight_max = max(self.window.in_flight_max, len(self.pending))
+            self.window.queued_max = max(self.window.queued_max, self.transport.queued)
+        elif op is Op.AWAIT_TARGETS:
+            while len(self.pending) >= self.cfg.runtime.max_in_flight:
+                self._receive_upstream()
+        else:
+            raise RuntimeError(f"stage {self.i}: {op.value} is not a training action")
+
+    def _compute(self, state: StepState, above: int | None) -> StageStep:
+        """The engine's step on this stage (a locked stage exchanges with rank ``above`` inside it)."""
+        g, x, y = state.step, state.x, state.labels
+        assert x is not None and y is not None
+        kind = self.schedule.true_round(g) if self.role.rounds else None
         try:
             self._inject(g, x)
-            h, synthetic, target, loss, snapshot = self._compute(g, x, y)
+            tr = TrueRound.before_forward(self.stage, x, kind=kind, bp_lambda=self.cfg.sync.bp_lambda) if kind else None
+            from_above = None
+            if above is not None:
+                def from_above(h: torch.Tensor) -> torch.Tensor:
+                    return self._exchange(g, above, h, y)
+            step = engine.train_step(self.stage, x, y, from_above=from_above, bp_lambda=self.bp_lambda)
         except NonFiniteError as e:
             self._on_fault(g, e)
-        self._send_results(g, x, y, h, synthetic, target, snapshot)
-        self.window.steps += 1
-        if self.is_last:
-            self._report_loss(g, loss)
-
-    def _is_true_round(self, g: int) -> bool:
-        # Backprop pipelines already send true gradients; rounds are for synthesizers.
-        return self.schedule.is_true_round(g) and self.k > 1 and self.cfg.method != "backprop"
+        if tr is not None and not self.is_last:
+            self.true_rounds[g] = tr.after_step(step, y)
+        if step.synth_loss is not None:
+            self.window.synth_losses.append(step.synth_loss)
+        if self.is_last and self.schedule.reports_after(g):
+            self._record(g + 1, {"train/loss": step.loss})
+        return step
 
     def _inject(self, g: int, x: torch.Tensor) -> None:
         where = self.faults.pop(g, None)
@@ -230,92 +291,50 @@ class StageRunner:
                 for p in self.stage.synthesizer.parameters():
                     p.fill_(float("nan"))
 
-    def _compute(self, g: int, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, ...]:
-        """Forward, the update from the synthetic (or true) gradient, and the step; no sends."""
-        true_round = self._is_true_round(g)
-        # A snapshot of the stage as it is at this forward: to pass the true gradient further down,
-        # and for the BP(lambda) correction.
-        needs_snapshot = not self.is_last and (not self.is_first or self.cfg.sync.bp_lambda > 0)
-        snapshot = copy.deepcopy(self.stage.module) if true_round and needs_snapshot else None
-        h = self.stage.forward(x)
-        synthetic, loss = None, float("nan")
-        if self.is_last:
-            loss, target = self.stage.loss_backward(y)
-        else:
-            synthetic = self.stage.synthetic_gradient(y) if self.stage.synthesizer is not None else None
-            if synthetic is None:  # backprop through the pipeline: wait for the true gradient (locked)
-                target = self._locked_backward(g, h, y)
-            else:
-                target = self.stage.backward(synthetic)
-        self.stage.step()
-        return h, synthetic, target, loss, snapshot
-
-    def _send_results(self, g: int, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, synthetic: torch.Tensor | None,
-                      target: torch.Tensor | None, snapshot: torch.nn.Module | None) -> None:
-        true_round = self._is_true_round(g)
-        if not self.is_first:
-            up = self.topology.rank_for(self.i - 1, g)
-            assert target is not None
-            self.transport.send(up, Tag.UP, Kind.TARGET, g, target)
-            if self.is_last and true_round:
-                self.transport.send(up, Tag.UP, Kind.TRUE, g, target)  # at the top, the target is true
-        if not self.is_last and synthetic is not None:
-            dst = self.topology.rank_for(self.i + 1, g)
-            self.transport.send(dst, Tag.DOWN, Kind.TRAIN, g, h, labels=y)
-            self.pending.append(Pending(g, h, y))
-            self.window.in_flight_max = max(self.window.in_flight_max, len(self.pending))
-            self.window.queued_max = max(self.window.queued_max, self.transport.queued)
-            if true_round:
-                self.true_rounds[g] = TrueRound(h, y, synthetic, snapshot, None if self.is_first else x,
-                                                batch_input=x if self.is_first and snapshot is not None else None)
-            while len(self.pending) >= self.cfg.runtime.max_in_flight:
-                self._receive_upstream()
-
     def _on_fault(self, g: int, error: NonFiniteError) -> NoReturn:
         """Apply ``train.nonfinite`` to a fault this stage found at step ``g`` (it has not updated)."""
-        policy = self.cfg.train.nonfinite
-        if policy == "stop":
-            raise NonFiniteError(error.stage, error.what,
-                                 f"non-finite {error.what} at stage {error.stage}, step {g + 1} (train.nonfinite=stop)")
-        if policy == "reset" and error.what == "synthetic gradient":
-            self.stage.reset_synthesizer()
-        self._record(g + 1, {f"nonfinite/stage_{self.i}": 1.0})
+        self._record(g + 1, engine.apply_nonfinite(self.cfg.train.nonfinite, error, self.stage, step=g))
         self._skip(g, tell_below=True)
 
     def _skip(self, g: int, *, tell_below: bool) -> NoReturn:
         """Drop step ``g`` here and tell the stage above; the one below too when it waits for our target."""
         if not self.is_last and self._sent_down != g:  # (a locked stage may have sent h before its fault)
             self.transport.send(self.topology.rank_for(self.i + 1, g), Tag.DOWN, Kind.SKIP, g, None,
-                                labels=torch.zeros(self.batch, dtype=torch.int64))
+                                labels=self._no_labels())
         if tell_below and not self.is_first:
             self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.SKIP, g, None, extra=1)
         raise Skipped()
 
-    def _input(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.batches is not None:
-            return self.batches(g)
-        src = self.topology.rank_for(self.i - 1, g)
-        msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), labels=self.batch)
+    def _no_labels(self) -> torch.Tensor:
+        """Placeholder labels for downstream messages without a batch (SKIP, EVAL_END)."""
+        return torch.zeros(self.labels_spec["labels"], dtype=torch.int64)
+
+    def _input(self, g: int, src: int) -> tuple[torch.Tensor, torch.Tensor]:
+        msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), **self.labels_spec)
         if msg.kind == Kind.SKIP and msg.step == g:  # the stage below dropped this batch: no target is due
             self._skip(g, tell_below=False)
         if msg.kind != Kind.TRAIN or msg.step != g:
             raise RuntimeError(f"stage {self.i}: expected step {g} from rank {src}, got {msg.kind.name} {msg.step}")
         assert msg.payload is not None and msg.labels is not None
-        return msg.payload, msg.labels.to(self.device)
+        return msg.payload, msg.labels
 
-    def _locked_backward(self, g: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """Backprop through a pipeline without synthesizers: send h, wait for dL/dh."""
-        dst = self.topology.rank_for(self.i + 1, g)
+    def _exchange(self, g: int, dst: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A locked stage: send h to rank ``dst`` and wait for dL/dh (handling the true gradients of
+        earlier rounds that come on the same stream first)."""
         self.transport.send(dst, Tag.DOWN, Kind.TRAIN, g, h, labels=y)
         self._sent_down = g
-        msg = self._recv(dst, Tag.UP, payload_shape=(self.batch, *self.out_shape))
-        if msg.kind == Kind.SKIP and msg.step == g:  # dropped above: undo the forward, pass the word down
-            self.stage.abandon()
-            self._skip(g, tell_below=True)
-        if msg.kind != Kind.TARGET or msg.step != g:
+        while True:
+            msg = self._recv(dst, Tag.UP, payload_shape=(self.batch, *self.out_shape))
+            if msg.kind == Kind.SKIP and msg.step == g:  # dropped above: undo the forward, pass the word down
+                self.stage.abandon()
+                self._skip(g, tell_below=True)
+            if msg.kind == Kind.TARGET and msg.step == g:
+                assert msg.payload is not None
+                return msg.payload
+            if msg.kind in (Kind.TRUE, Kind.SKIP):
+                self._on_upstream(msg)
+                continue
             raise RuntimeError(f"stage {self.i}: expected the gradient of step {g}, got {msg.kind.name} {msg.step}")
-        assert msg.payload is not None
-        return self.stage.backward(msg.payload)
 
     # -- upstream messages ---------------------------------------------------------------------
     def _receive_upstream(self) -> None:
@@ -324,7 +343,9 @@ class StageRunner:
             src = self.topology.rank_for(self.i + 1, self.pending[0].step)
         else:
             src = self.topology.rank_for(self.i + 1, min(self.true_rounds))
-        msg = self._recv(src, Tag.UP, payload_shape=(self.batch, *self.out_shape))
+        self._on_upstream(self._recv(src, Tag.UP, payload_shape=(self.batch, *self.out_shape)))
+
+    def _on_upstream(self, msg: Message) -> None:
         if msg.kind == Kind.TARGET:
             self._on_target(msg)
         elif msg.kind == Kind.TRUE:
@@ -349,7 +370,7 @@ class StageRunner:
 
     def _on_skip(self, msg: Message) -> None:
         """The stage above dropped step ``msg.step``: no target (extra=1) and no true gradient will come."""
-        if msg.extra:
+        if msg.extra and not self.role.locked:
             item = self.pending.popleft()
             if item.step != msg.step:
                 raise RuntimeError(f"stage {self.i}: skip for step {msg.step} arrived, expected {item.step}")
@@ -361,19 +382,15 @@ class StageRunner:
         return g // self.topology.replicas[self.i]
 
     def _on_true(self, g: int, true_grad: torch.Tensor) -> None:
-        """Level 2: measure the synthesizer, train it on the true target, pass the gradient down."""
-        tr = self.true_rounds.pop(g)
+        """Level 2: the true gradient of round ``g`` arrived: measure, train, pass it down."""
+        tr = self.true_rounds.pop(g, None)
+        if tr is None:  # this stage dropped that batch (a fault) and told the stages below
+            return
         if self.keep_true and len(self.true_gradients) < self.keep_true:
             self.true_gradients.append((g, true_grad.detach().cpu().clone()))
-        scalars: dict[str, float] = {}
-        if tr.synthetic is not None:
-            cos, rel = rules.gradient_agreement(tr.synthetic, true_grad)
-            scalars[f"sg/cosine/stage_{self.i}"], scalars[f"sg/rel_error/stage_{self.i}"] = cos, rel
-            scalars[f"sg/true_loss/stage_{self.i}"] = self.stage.train_synthesizer(tr.h, tr.labels, true_grad)
-        if tr.snapshot is not None:
-            grad_in = pass_true_gradient(self.stage, tr, true_grad, self.cfg.sync.bp_lambda)
-            if grad_in is not None:
-                self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.TRUE, g, grad_in)
+        scalars, grad_in = finish_round(self.stage, tr, true_grad, bp_lambda=self.cfg.sync.bp_lambda)
+        if grad_in is not None:
+            self.transport.send(self.topology.rank_for(self.i - 1, g), Tag.UP, Kind.TRUE, g, grad_in)
         self._record(g + 1, scalars)
 
     def _drain(self) -> None:
@@ -382,20 +399,25 @@ class StageRunner:
             self._receive_upstream()
 
     # -- boundaries --------------------------------------------------------------------------------
-    def _boundary(self, g: int) -> None:
-        if self.schedule.syncs_replicas_after(g) and self.replica_group is not None:
+    def _at_boundary(self, action: Action, g: int) -> None:
+        """Execute one boundary action after global step ``g``."""
+        op = action.op
+        if op is Op.AVERAGE_REPLICAS:
             self._average_replicas()
-        if self.schedule.evaluates_after(g) and self.replica == 0:
+        elif op is Op.EVALUATE:
             self._evaluate(g)
-        if (g + 1) % self.cfg.log.every == 0 or g + 1 == self.schedule.total_steps:
+        elif op is Op.REPORT:
             self._report_window(g)
-        if self.schedule.checkpoints_after(g):
+        elif op is Op.DRAIN:
             self._drain()  # a consistent cut: no message crosses a checkpoint
+        elif op is Op.KEEP_STATE:
             state = copy.deepcopy(self.stage.state_dict())
             state["runner"] = {"train_seconds": self._train_seconds()}
             self.kept[g + 1] = state
             for old in sorted(self.kept)[:-KEEP_STATES]:
                 del self.kept[old]
+        else:
+            raise RuntimeError(f"stage {self.i}: {op.value} is not a boundary action")
 
     @property
     def saved(self) -> tuple[int, dict[str, Any]] | None:
@@ -428,37 +450,33 @@ class StageRunner:
     def _evaluate_split(self, g: int, split_id: int, split: str) -> None:
         src = self.topology.rank(self.i - 1, 0) if not self.is_first else None
         dst = self.topology.rank(self.i + 1, 0) if not self.is_last else None
-        correct = total = 0
-        loss_sum = 0.0
-        for x, y in self._eval_batches(g, src, split_id, split):
+        sums = EvalSums(self.stage.loss_fn)
+        for x, y in self._eval_batches(src, split_id, split):
             with torch.no_grad():
                 h = self.stage.module(x)
             if dst is not None:
                 self.transport.send(dst, Tag.DOWN, Kind.EVAL, g, h, labels=y, extra=split_id)
             else:
-                keep = y >= 0  # padding rows carry label -1
-                loss_sum += F.cross_entropy(h[keep], y[keep], reduction="sum").item()
-                correct += (h[keep].argmax(1) == y[keep]).sum().item()
-                total += int(keep.sum())
+                sums.add(h, y)  # padding rows (labels -1 or NaN) are left out
         if dst is not None:
-            self.transport.send(dst, Tag.DOWN, Kind.EVAL_END, g, None, labels=torch.zeros(self.batch), extra=split_id)
-        elif total:
-            self._record(g + 1, {f"{split}/accuracy": correct / total, f"{split}/loss": loss_sum / total})
+            self.transport.send(dst, Tag.DOWN, Kind.EVAL_END, g, None, labels=self._no_labels(), extra=split_id)
+        else:
+            self._record(g + 1, {f"{split}/{metric}": v for metric, v in sums.result().items()})
 
-    def _eval_batches(self, g: int, src: int | None, split_id: int, split: str):
+    def _eval_batches(self, src: int | None, split_id: int, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if src is None:  # stage 0: the data, padded to full batches (messages have one shape)
-            ds = self.data.get(split)
+            ds = self.datasets.get(split)
             if ds is not None:
                 yield from padded_batches(ds, self.batch)
             return
         while True:
-            msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), labels=self.batch)
+            msg = self._recv(src, Tag.DOWN, payload_shape=(self.batch, *self.in_shape), **self.labels_spec)
             if msg.kind == Kind.EVAL_END:
                 return
             if msg.kind != Kind.EVAL or msg.extra != split_id:
                 raise RuntimeError(f"stage {self.i}: expected evaluation of {split}, got {msg.kind.name}")
             assert msg.payload is not None and msg.labels is not None
-            yield msg.payload, msg.labels.to(self.device)
+            yield msg.payload, msg.labels
 
     # -- messages and metrics -----------------------------------------------------------------------
     def _recv(self, src: int, tag: Tag, **kwargs: Any) -> Message:
@@ -470,10 +488,6 @@ class StageRunner:
     def _idle(self, seconds: float) -> None:
         self.window.idle += seconds
         self.idle_total += seconds
-
-    def _report_loss(self, g: int, loss: float) -> None:
-        if (g + 1) % self.cfg.log.every == 0 or g + 1 == self.schedule.total_steps:
-            self._record(g + 1, {"train/loss": loss})
 
     def _report_window(self, g: int) -> None:
         w, now = self.window, time.perf_counter()

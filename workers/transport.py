@@ -27,6 +27,17 @@ import torch.distributed as dist
 
 HEADER = 4  # int64 words: kind, step, a kind-specific word, and the number of labels that follow
 
+def label_words(labels: torch.Tensor) -> torch.Tensor:
+    """Labels as int64 header words: integers as they are, float targets by their float32 bits."""
+    if labels.is_floating_point():
+        return labels.detach().to("cpu", torch.float32).contiguous().view(torch.int32).to(torch.int64).flatten()
+    return labels.detach().to("cpu", torch.int64).flatten()
+
+
+def labels_from(words: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """The inverse of :func:`label_words`."""
+    out = words.to(torch.int32).view(torch.float32) if dtype.is_floating_point else words
+    return out.reshape(shape) if shape is not None else out
 
 
 def free_port() -> int:
@@ -137,12 +148,13 @@ class Transport:
     ) -> None:
         """Queue a message to ``dst``; returns without waiting for the receiver.
 
-        ``labels`` (int64, (B,)) travel inside the header so a message is two sends.
+        ``labels`` (class labels or float targets of any shape) travel inside the header, so a
+        message is two sends.
         """
         n_labels = 0 if labels is None else labels.numel()
         words = torch.tensor([int(kind), step, extra, n_labels], dtype=torch.int64)
         if labels is not None:
-            words = torch.cat([words, labels.detach().to("cpu", torch.int64)])
+            words = torch.cat([words, label_words(labels)])
         if self._send_error is not None:
             raise RuntimeError(f"rank {self.rank}: an earlier send failed: {self._send_error}")
         self._isend(words.to(self.wire), dst, tag)
@@ -191,13 +203,16 @@ class Transport:
         payload_shape: tuple[int, ...] | None,
         labels: int = 0,
         dtype: torch.dtype = torch.float32,
+        label_dtype: torch.dtype = torch.int64,
+        label_shape: tuple[int, ...] | None = None,
     ) -> Message:
         """Receive the next message from ``src`` on ``tag``.
 
         Args:
             payload_shape: shape of the payload that follows a header of a kind that
                 has one (None: expect no payload).
-            labels: how many label words follow the header.
+            labels: how many label values follow the header.
+            label_dtype, label_shape: what they are (default: int64, flat).
         """
         words = torch.empty(HEADER + labels, dtype=torch.int64, device=self.wire)
         self._recv_into(words, src, tag)
@@ -212,7 +227,7 @@ class Transport:
             payload = torch.empty(payload_shape, dtype=dtype, device=self.wire)
             self._recv_into(payload, src, tag)
             payload = payload.to(self.device)
-        lab = words[HEADER:].to(self.device) if labels else None
+        lab = labels_from(words[HEADER:], label_dtype, label_shape).to(self.device) if labels else None
         return Message(kind, step, extra, payload, lab)
 
     def _recv_into(self, tensor: torch.Tensor, src: int, tag: Tag) -> None:

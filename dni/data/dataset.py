@@ -1,20 +1,24 @@
-"""In-memory datasets, train/validation splitting, batching and loading.
+"""In-memory datasets, train/validation splitting and batching.
 
 Everything here works on whole tensors held in memory: the supported
-datasets (MNIST, CIFAR-10, small IDX datasets) fit easily, and indexing whole
-tensors is far faster than a per-sample ``Dataset``/``DataLoader`` pipeline.
+datasets (MNIST, CIFAR-10, small IDX datasets, a custom factory's datasets)
+fit easily, and indexing whole tensors is far faster than a per-sample
+``Dataset``/``DataLoader`` pipeline. Loading by name lives in
+:mod:`dni.data.registry`, so this module imports none of the loaders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-#: Names accepted by :func:`load_dataset`.
-DATASET_NAMES: tuple[str, ...] = ("mnist", "cifar10", "idx")
+from dni.data.spec import DataSpec
+
+#: The integer label of an ignored example or position (padding, unlabelled tokens).
+IGNORE_LABEL = -1
 
 
 class DataError(ValueError):
@@ -26,17 +30,23 @@ class DataError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class ArrayDataset:
-    """A labelled image dataset held in memory.
+    """A labelled dataset held in memory: one input and one label tensor.
 
     ``eq=False`` because element-wise tensor comparison has no single truth
     value; datasets compare by identity.
 
     Attributes:
-        images: float32 tensor of shape (N, C, H, W) with values in [0, 1]
-            (the loaders guarantee the range; it is not re-checked here
-            because that would scan every pixel on each construction).
-        labels: int64 tensor of shape (N,) with values in [0, num_classes).
-        num_classes: Number of classes, >= 1.
+        images: The inputs, shape (N, ...): float32 with at least one
+            per-example dimension (the built-in loaders give images
+            (N, C, H, W) in [0, 1]; the range is not re-checked here because
+            that would scan every value on each construction), or int64
+            (e.g. token ids, (N, T)).
+        labels: The targets, shape (N, ...): int64 class labels (one per
+            example, (N,), or one per position, e.g. (N, T)) with values in
+            [0, num_classes) or -1 for ignored; or float32 regression targets.
+        num_classes: For int64 labels the number of classes, >= 1; for
+            float32 labels the number of target features per example (the
+            product of the per-example label shape, 1 for shape (N,)).
 
     Raises:
         DataError: on construction, if dtypes, shapes, or label range are
@@ -48,43 +58,35 @@ class ArrayDataset:
     num_classes: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.float32 \
-                or self.images.ndim != 4:
-            raise DataError(
-                "ArrayDataset.images must be a float32 tensor of shape (N, C, H, W); got "
-                f"{_describe(self.images)}: convert with images.float().div(255) and add "
-                "a channel dimension if needed"
-            )
-        if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 \
-                or self.labels.ndim != 1:
-            raise DataError(
-                "ArrayDataset.labels must be an int64 tensor of shape (N,); got "
-                f"{_describe(self.labels)}: convert with labels.long().flatten()"
-            )
+        _check_images(self.images)
+        _check_labels(self.labels)
         if self.images.shape[0] != self.labels.shape[0]:
             raise DataError(
                 f"ArrayDataset has {self.images.shape[0]} images but "
                 f"{self.labels.shape[0]} labels: pass matching images and labels"
             )
         if self.num_classes < 1:
-            raise DataError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.labels.numel() and (
-            int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes
-        ):
             raise DataError(
-                f"labels range over [{int(self.labels.min())}, {int(self.labels.max())}] "
-                f"but num_classes is {self.num_classes}: labels must lie in "
-                f"[0, {self.num_classes - 1}]; fix the labels or num_classes"
+                f"num_classes must be >= 1, got {self.num_classes}: give the number of "
+                "classes (int64 labels) or of target features per example (float32 labels)"
             )
+        if self.labels.is_floating_point():
+            _check_target_features(self.labels, self.num_classes)
+        else:
+            _check_label_range(self.labels, self.num_classes)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """The (C, H, W) shape of one image."""
-        c, h, w = self.images.shape[1:]
-        return int(c), int(h), int(w)
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input, e.g. (C, H, W) for images or (T,) for token ids."""
+        return tuple(int(d) for d in self.images.shape[1:])
+
+    @property
+    def spec(self) -> DataSpec:
+        """Per-example shapes and dtypes of inputs and labels, and ``num_classes``."""
+        return DataSpec.of(self)
 
     def to(self, device: torch.device | str) -> ArrayDataset:
         """The same samples on ``device`` (self when already there)."""
@@ -114,11 +116,65 @@ class Splits:
     test: ArrayDataset
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
     """Short description of a value for error messages."""
     if isinstance(value, torch.Tensor):
         return f"{value.dtype} tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+def _check_images(images: object) -> None:
+    """Raise DataError unless ``images`` is float32 (N, d, ...) or int64 (N, ...)."""
+    ok = isinstance(images, torch.Tensor) and (
+        (images.dtype == torch.float32 and images.ndim >= 2)
+        or (images.dtype == torch.int64 and images.ndim >= 1)
+    )
+    if not ok:
+        raise DataError(
+            "ArrayDataset.images must be a float32 tensor of shape (N, ...) with at least "
+            "one per-example dimension (e.g. images (N, C, H, W)) or an int64 tensor of "
+            f"shape (N, ...) (e.g. token ids (N, T)); got {describe(images)}: convert "
+            "uint8 images with images.float().div(255) (add a channel dimension if "
+            "needed), other floats with .float(), token ids with .long()"
+        )
+
+
+def _check_labels(labels: object) -> None:
+    """Raise DataError unless ``labels`` is int64 or float32 of shape (N, ...)."""
+    ok = isinstance(labels, torch.Tensor) and labels.ndim >= 1 and (
+        labels.dtype in (torch.int64, torch.float32)
+    )
+    if not ok:
+        raise DataError(
+            "ArrayDataset.labels must be an int64 tensor of shape (N,) or (N, ...) (class "
+            "labels, -1 = ignored) or a float32 tensor of shape (N, ...) (regression "
+            f"targets); got {describe(labels)}: convert class labels with labels.long() "
+            "(one label per example: labels.long().flatten()), targets with .float()"
+        )
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise DataError unless every integer label is -1 or in [0, num_classes)."""
+    if not labels.numel():
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < IGNORE_LABEL or high >= num_classes:
+        raise DataError(
+            f"labels range over [{low}, {high}] but num_classes is {num_classes}: "
+            f"class labels must lie in [0, {num_classes - 1}] (or be {IGNORE_LABEL} for "
+            "ignored examples or positions); fix the labels or num_classes"
+        )
+
+
+def _check_target_features(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise DataError unless ``num_classes`` is the number of float target features."""
+    features = math.prod(labels.shape[1:])
+    if features != num_classes:
+        raise DataError(
+            f"float32 labels are regression targets with {features} features per example "
+            f"(shape {tuple(labels.shape[1:])}) but num_classes is {num_classes}: set "
+            f"num_classes to {features}, or use int64 labels for classes"
+        )
 
 
 def split_validation(
@@ -209,62 +265,34 @@ def _batches(
 
 
 def padded_batches(ds: ArrayDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``ds`` in order, in full batches: the last one padded with zero images labelled -1
-    (to be ignored), so every batch has the same shape."""
+    """``ds`` in order, in batches of exactly ``batch_size`` examples.
+
+    The last batch is padded with zero inputs whose labels are all -1 (integer
+    labels) or all NaN (float targets), so every batch has the same shape and
+    evaluation can leave the padding rows out.
+
+    Args:
+        ds: The dataset.
+        batch_size: Examples per batch, >= 1.
+
+    Returns:
+        An iterator of ``(inputs, labels)`` batches; the unpadded ones are views of ``ds``.
+
+    Raises:
+        DataError: ``batch_size`` < 1 (raised by the call itself).
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}: fix the batch size")
+    return _padded(ds, batch_size)
+
+
+def _padded(ds: ArrayDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of :func:`padded_batches`."""
+    fill = float("nan") if ds.labels.is_floating_point() else IGNORE_LABEL
     for start in range(0, len(ds), batch_size):
         x, y = ds.images[start : start + batch_size], ds.labels[start : start + batch_size]
         pad = batch_size - len(y)
         if pad:
             x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-            y = torch.cat([y, y.new_full((pad,), -1)])
+            y = torch.cat([y, y.new_full((pad, *y.shape[1:]), fill)])
         yield x, y
-
-
-def load_dataset(
-    name: str,
-    path: str | Path,
-    *,
-    val_size: int,
-    seed: int,
-    download: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> Splits:
-    """Load a dataset by name and split off a validation set.
-
-    Args:
-        name: ``"mnist"``, ``"cifar10"`` or ``"idx"`` (a folder holding the
-            four standard IDX files, MNIST naming, optionally gzipped; the
-            number of classes is the largest label plus one).
-        path: Folder holding (or to receive) the data.
-        val_size: Training samples held out for validation (0 for none).
-        seed: Seed of the validation split.
-        download: Fetch MNIST/CIFAR-10 when absent (ignored for ``"idx"``).
-        log: Optional progress callback, used while obtaining data.
-
-    Returns:
-        The train/val/test splits.
-
-    Raises:
-        DataError: unknown name, data missing (and not downloadable) or
-            invalid, or a bad ``val_size``.
-    """
-    # Imported here because those modules import DataError/ArrayDataset from
-    # this one; importing them at the top would be circular.
-    if name == "mnist":
-        from dni.data.mnist import load_mnist
-
-        train, test = load_mnist(path, download=download, log=log)
-    elif name == "cifar10":
-        from dni.data.cifar import load_cifar10
-
-        train, test = load_cifar10(path, download=download, log=log)
-    elif name == "idx":
-        from dni.data.idx import load_idx_folder
-
-        train, test = load_idx_folder(path)
-    else:
-        raise DataError(
-            f"unknown dataset {name!r}: set data.name to one of {', '.join(DATASET_NAMES)}"
-        )
-    train, val = split_validation(train, val_size, seed)
-    return Splits(train=train, val=val, test=test)

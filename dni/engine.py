@@ -1,0 +1,128 @@
+"""The per-stage step, written once: what one stage does with one batch, on every backend.
+
+The single-process :class:`~dni.pipeline.Pipeline` and the runtime's stage worker
+(:mod:`workers.stage_runner`) both call :func:`train_step` for a stage's batch and
+:meth:`~dni.stage.DecoupledStage.train_synthesizer` when a target arrives; they differ
+only in how the tensors travel. The order within a step (paper section 3.1):
+
+  1. forward: h = f(x);
+  2. the gradient for h: the stage's synthetic gradient g^ = M(h, c) (update-unlocked),
+     or, for a *locked* stage, the gradient from above (``from_above(h)``; backprop, or
+     BP(lambda) mixed with g^); the last stage computes the true loss instead;
+  3. backward: parameter gradients, and dL/dx, the target for the stage below;
+  4. the optimiser step (with probability ``p_update``);
+  5. a locked stage with a synthesizer trains it on the gradient from above at once; an
+     unlocked one trains it when the target of h arrives (the caller's part).
+
+A NaN or inf raises :class:`~dni.stage.NonFiniteError` before the stage updates;
+:func:`apply_nonfinite` is the run's policy for it (``train.nonfinite``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dni import rules
+from dni.stage import DecoupledStage, NonFiniteError
+
+GradientFromAbove = Callable[[torch.Tensor], torch.Tensor]
+"""Given h (detached), return dL/dh from the stages above (runs them, or waits for their message)."""
+
+NONFINITE_HINT = ("train.nonfinite=skip or reset continues past such batches; lowering train.lr or "
+                  "synthesizer.lr often avoids them")
+
+
+@dataclass
+class StageStep:
+    """What one stage's step produced."""
+
+    h: torch.Tensor
+    """The output, detached: what travels to the next stage (the logits at the last stage)."""
+    synthetic: torch.Tensor | None
+    """g^ for h (None for the last stage and for stages without a synthesizer)."""
+    target: torch.Tensor | None
+    """dL/dx for the stage below (bootstrapped, true, or mixed); None for the first stage."""
+    loss: float = math.nan
+    """The last stage's loss."""
+    updated: bool = False
+    """Whether the optimiser step was applied (see p_update)."""
+    synth_loss: float | None = None
+    """A locked stage's synthesizer loss on the gradient from above."""
+
+
+def is_locked(stage: DecoupledStage, bp_lambda: float) -> bool:
+    """Whether ``stage`` waits for the gradient from above before it updates: a stage (not the
+    last) without a synthesizer (backprop), or any stage under BP(lambda > 0)."""
+    return not stage.is_last and (stage.synthesizer is None or bp_lambda > 0)
+
+
+def train_step(stage: DecoupledStage, x: torch.Tensor, labels: torch.Tensor, *,
+               from_above: GradientFromAbove | None = None, bp_lambda: float = 0.0) -> StageStep:
+    """One training step of ``stage`` on its input ``x``.
+
+    Args:
+        stage: the stage (its module, synthesizer and optimisers).
+        x: its input: the batch (stage 0) or the activation of the stage below.
+        labels: the batch's labels: the loss's targets and the cDNI context.
+        from_above: for a locked stage (:func:`is_locked`), how to get dL/dh; None for an
+            unlocked or the last stage.
+        bp_lambda: BP(lambda) mix of the gradient from above with g^ (locked stages with a synthesizer).
+
+    Returns:
+        The step's :class:`StageStep`.
+
+    Raises:
+        NonFiniteError: a NaN/inf in h, g^, the loss or the target (nothing was updated here).
+        ValueError: a stage that is neither last nor has a synthesizer, without ``from_above``.
+    """
+    h = stage.forward(x)
+    synthetic, loss, from_top = None, math.nan, None
+    if stage.is_last:
+        loss, target = stage.loss_backward(labels)
+    else:
+        if stage.synthesizer is not None:
+            synthetic = stage.synthetic_gradient(labels)
+        if from_above is not None:
+            from_top = from_above(h)
+            grad = from_top if synthetic is None else rules.bp_lambda_mix(from_top, synthetic, bp_lambda)
+        elif synthetic is not None:
+            grad = synthetic
+        else:
+            stage.abandon()
+            raise ValueError(f"stage {stage.index} has no synthesizer: it needs the gradient from above (from_above)")
+        target = stage.backward(grad)
+    updated = stage.step()
+    synth_loss = None
+    if from_top is not None and stage.synthesizer is not None:
+        synth_loss = stage.train_synthesizer(h, labels, from_top)
+    return StageStep(h, synthetic, target, loss, updated, synth_loss)
+
+
+def apply_nonfinite(policy: str, error: NonFiniteError, stage: DecoupledStage | None, *, step: int,
+                    stopped: str = "") -> dict[str, float]:
+    """``train.nonfinite`` for a fault found at global ``step`` (0-based), once the batch was dropped.
+
+    Args:
+        policy: ``stop``, ``skip`` or ``reset``.
+        error: the fault.
+        stage: the stage at fault, when this process holds it (its synthesizer is reset under
+            ``reset`` when its synthetic gradient was at fault).
+        stopped: under ``stop``, what was saved, for the message (e.g. "a checkpoint at ...").
+
+    Returns:
+        The scalars to log for the skipped batch: ``nonfinite/stage_<i>``.
+
+    Raises:
+        NonFiniteError: under ``stop``, with a message naming the stage, the step and what to do.
+    """
+    if policy == "stop":
+        saved = f"; stopped with {stopped}" if stopped else ""
+        raise NonFiniteError(error.stage, error.what, f"non-finite {error.what} at stage {error.stage}, step {step + 1}"
+                                                      f"{saved} (train.nonfinite=stop; {NONFINITE_HINT})")
+    if policy == "reset" and error.what == "synthetic gradient" and stage is not None:
+        stage.reset_synthesizer()
+    return {f"nonfinite/stage_{error.stage}": 1.0}
