@@ -437,7 +437,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), key, f"must be a mapping of keys (got {value!r})")
-        return _build(tp, value, key + ".")
+        return _build(typing.cast(type, tp), value, key + ".")  # an annotation: the class, not an instance
     if tp is float:
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads 1e-3 as a string; accept what float() accepts.

@@ -13,7 +13,7 @@ same :mod:`dni.build` functions, the same defaults and validation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -87,8 +87,9 @@ def decouple(
 def _config(cfg: Config, *, method: str, lr: float | None, synthesizer_lr: float | None, optimizer: str | None,
             bp_lambda: float | None, loss: str | None) -> Config:
     """``cfg`` with the keyword arguments that were given, validated."""
-    train = dataclasses.replace(cfg.train, **{k: v for k, v in (("lr", lr), ("optimizer", optimizer)) if v is not None})
-    synth = dataclasses.replace(cfg.synthesizer, **{k: v for k, v in (("lr", synthesizer_lr), ("bp_lambda", bp_lambda))
-                                                    if v is not None})
+    train_kw: dict[str, Any] = {k: v for k, v in (("lr", lr), ("optimizer", optimizer)) if v is not None}
+    synth_kw: dict[str, Any] = {k: v for k, v in (("lr", synthesizer_lr), ("bp_lambda", bp_lambda)) if v is not None}
+    train = dataclasses.replace(cfg.train, **train_kw)
+    synth = dataclasses.replace(cfg.synthesizer, **synth_kw)
     model = dataclasses.replace(cfg.model, loss=loss) if loss is not None else cfg.model
     return dataclasses.replace(cfg, method=method, train=train, synthesizer=synth, model=model).validate()

@@ -21,6 +21,8 @@ batch-mean loss L (see :mod:`dni.synthesizer`); these rules convert.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -66,7 +68,11 @@ def backward_from(output: torch.Tensor, grad: torch.Tensor, stage_input: torch.T
         return None
     stage_input.grad = None
     output.backward(grad)
-    return stage_input.grad.detach()
+    # mypy still narrows .grad to the None assigned above; backward() may have filled it.
+    filled = cast("torch.Tensor | None", stage_input.grad)
+    if filled is None:  # the output does not depend on the input: dL/d input is zero
+        return torch.zeros_like(stage_input)
+    return filled.detach()
 
 
 def loss_backward(loss: torch.Tensor, stage_input: torch.Tensor | None) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ appendix): its first predictions are exactly zero, so the first updates are no-o
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,9 @@ def context_size(num_classes: int, label_shape: tuple[int, ...], *, integer: boo
 
 
 def _zero_(layer: nn.Module) -> None:
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
+    # nn.Module's attributes are typed Tensor | Module; a Linear's or Conv2d's weight and bias are Parameters.
+    nn.init.zeros_(cast(torch.Tensor, layer.weight))
+    nn.init.zeros_(cast(torch.Tensor, layer.bias))
 
 
 def reinitialise(synthesizer: Synthesizer) -> None:
@@ -62,8 +64,8 @@ def reinitialise(synthesizer: Synthesizer) -> None:
     with torch.no_grad():
         for m in synthesizer.modules():
             if m is not synthesizer and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        _zero_(synthesizer.out)
+                m.reset_parameters()  # type: ignore[operator]  # torch types nn.Module's attributes Tensor | Module
+        _zero_(cast(nn.Module, synthesizer.out))
 
 
 class MLPSynthesizer(Synthesizer):

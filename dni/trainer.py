@@ -66,6 +66,8 @@ class Trainer:
         run_dir: the run directory (see :mod:`dni.run`).
         splits: the data, already loaded (None: load as configured).
         progress: a callback ``(step, total, scalars)`` for a progress display, or None.
+        pipeline: stages built elsewhere (e.g. :func:`dni.decouple`) to train instead of the
+            config's model; the config still gives the data, budget, schedule and logging.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Trainer:
         *,
         splits: Splits | None = None,
         progress: Callable[[int, int, dict[str, float]], None] | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
@@ -86,7 +89,7 @@ class Trainer:
         self.budget = Budget.of(cfg, len(self.splits.train))
         self.schedule = Schedule.of(cfg, self.budget.total_steps, self.budget.steps_per_epoch)
         torch.manual_seed(cfg.seed)
-        self.pipeline: Pipeline = build_pipeline(
+        self.pipeline: Pipeline = pipeline or build_pipeline(
             cfg, DataSpec.of(self.splits.train), total_steps=self.budget.total_steps, device=self.device
         )
         self.progress = progress

@@ -42,7 +42,8 @@ def test_dni_train_debug_config_end_to_end(mnist: Path, tmp_path: Path, capsys: 
         assert {f"sg/loss/stage_{i}", f"sg/cosine/stage_{i}", f"sg/rel_error/stage_{i}"} <= tags
     assert {"train/loss", "test/accuracy", "val/accuracy", "train/samples_per_second"} <= tags
     cosines = [e.value for e in events.Scalars("sg/cosine/stage_1")]
-    assert len(cosines) == 78 // 20 and all(-1 <= c <= 1 for c in cosines)
+    # cDNI's linear synthesizer learns the direction within the epoch (measured: 0.65, 0.76, 0.81).
+    assert len(cosines) == 78 // 20 and cosines[-1] > 0.5, cosines
 
 
 def test_dni_compare_writes_table_and_plot(mnist: Path, tmp_path: Path) -> None:

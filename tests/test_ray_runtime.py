@@ -49,12 +49,17 @@ def test_infeasible_placement_fails_fast_with_a_clear_message(cluster, idx_folde
         Coordinator(spread, create_run_dir(spread)).start()
 
 
-def test_lock_step_runtime_reproduces_the_reference_trainer(cluster, idx_folder: str, tmp_path: Path) -> None:
-    sections = dict(log={"dir": str(tmp_path), "every": 1}, runtime={"max_in_flight": 1})
+RESMLP = {"kind": "custom", "factory": f"{Path(__file__).resolve().parents[1] / 'configs' / 'models' / 'resmlp.py'}:small"}
+
+
+@pytest.mark.parametrize("model", [{}, RESMLP], ids=["fcn", "custom-resmlp"])
+def test_lock_step_runtime_reproduces_the_reference_trainer(cluster, idx_folder: str, tmp_path: Path,
+                                                            model: dict) -> None:
+    sections = dict(log={"dir": str(tmp_path), "every": 1}, runtime={"max_in_flight": 1}, **({"model": model} if model else {}))
     ray_cfg = runtime_config(idx_folder, backend="ray", **sections)
     ray_dir = create_run_dir(ray_cfg)
     summary = Coordinator(ray_cfg, ray_dir).run()
-    local_cfg = runtime_config(idx_folder, threads=1, **sections)  # as each worker: one thread, same sums
+    local_cfg = runtime_config(idx_folder, backend="local", threads=1, **sections)  # as each worker: one thread, same sums
     local_dir = create_run_dir(local_cfg)
     threads = torch.get_num_threads()
     try:
@@ -70,6 +75,16 @@ def test_lock_step_runtime_reproduces_the_reference_trainer(cluster, idx_folder:
     assert state["step"] == 18 and len(state["stages"]) == 3
 
 
+def test_a_custom_model_from_yaml_on_ray_matches_the_local_backend(cluster, idx_folder: str, tmp_path: Path) -> None:
+    from test_custom_model import train_custom_from_yaml
+
+    on_ray = train_custom_from_yaml(idx_folder, tmp_path / "ray", "backend=ray", "train.epochs=3")
+    local = train_custom_from_yaml(idx_folder, tmp_path / "local", "train.epochs=3")
+    assert on_ray["backend"] == "ray" and on_ray["model"] == "custom:small" and on_ray["stages"] == 3
+    # Backprop through the pipeline is lock-step: the same run, worker by worker.
+    assert on_ray["test_accuracy"] == pytest.approx(local["test_accuracy"]) and local["test_accuracy"] > 0.5
+
+
 def test_dni_train_with_backend_ray_end_to_end(cluster, idx_folder: str, tmp_path: Path) -> None:
     code = main(["train", str(Path(__file__).parents[1] / "configs" / "debug.yaml"), "backend=ray",
                  "data.name=idx", f"data.path={idx_folder}", "data.val_size=64", "train.batch_size=64",
@@ -81,7 +96,7 @@ def test_dni_train_with_backend_ray_end_to_end(cluster, idx_folder: str, tmp_pat
     assert set(summary["busy_fraction"]) == {"stage_0", "stage_1", "stage_2"}
     assert all(0 < v <= 1 for v in summary["busy_fraction"].values())
     assert set(summary["hop_latency_ms"]) == {"stage_0", "stage_1"} and summary["bytes_sent"] > 0
-    assert 0 <= summary["test_accuracy"] <= 1
+    assert summary["test_accuracy"] > 0.45  # chance is 1/3 on the fixture
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir))

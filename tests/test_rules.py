@@ -74,3 +74,12 @@ def test_gradient_agreement_of_known_vectors() -> None:
     cos, rel = rules.gradient_agreement(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
     assert cos == pytest.approx(2 ** -0.5)
     assert rel == pytest.approx(2 ** -0.5)
+
+
+def test_a_stage_whose_output_ignores_its_input_sends_a_zero_target() -> None:
+    x = torch.randn(3, 2).requires_grad_()
+    w = torch.nn.Parameter(torch.ones(2))
+    out = w.expand(3, 2) * 1.0  # does not depend on x
+    target = rules.backward_from(out, torch.ones(3, 2), x)
+    assert target is not None and torch.equal(target, torch.zeros(3, 2))
+    assert torch.equal(w.grad, torch.full((2,), 3.0))

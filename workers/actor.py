@@ -23,7 +23,7 @@ from workers.transport import free_port
 # minute (measured in a soak, results/soak/), so they are left out of Ray's task events.
 
 
-@ray.remote(max_concurrency=2)
+@ray.remote(max_concurrency=2)  # type: ignore[call-overload]  # ray's overloads omit the actor option
 class StageActor:
     """One replica of one stage, on the device its placement bundle gives it."""
 

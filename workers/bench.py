@@ -157,7 +157,7 @@ def race(cfg: Config, log_dir: str) -> dict[str, Any]:
     dec_cfg = dataclasses.replace(cfg, backend="ray", name=f"{cfg.name}-race-{cfg.method}", log=log)
     dec_dir = create_run_dir(dec_cfg)
     Coordinator(dec_cfg, dec_dir).run()
-    out = {"backprop_1_thread": time_to_accuracy(bp_dir, target), "decoupled": time_to_accuracy(dec_dir, target)}
+    out: dict[str, Any] = {"backprop_1_thread": time_to_accuracy(bp_dir, target), "decoupled": time_to_accuracy(dec_dir, target)}
     b, d = out["backprop_1_thread"]["seconds"], out["decoupled"]["seconds"]
     out["time_ratio"] = b / d if b and d else None
     return out

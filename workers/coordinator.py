@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dni.checkpoint import CheckpointError, load_latest, save_checkpoint
@@ -87,7 +87,7 @@ def gpus_per_stage(runtime: RuntimeConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def place(world: int, runtime: RuntimeConfig) -> Any:
+def place(world: int, runtime: RuntimeConfig) -> PlacementGroup:
     """A ready placement group with one bundle per stage worker.
 
     Raises:
@@ -136,7 +136,7 @@ class Coordinator:
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.plan = make_plan(cfg)
         self.actors: list[Any] = []
-        self.pg = None
+        self.pg: PlacementGroup | None = None
         self.started_ray = False
         self.hops: dict[str, float] = {}
         self.last_checkpoint = 0
@@ -166,10 +166,12 @@ class Coordinator:
         rt, topo = self.cfg.runtime, self.plan.topology
         gpus = gpus_per_stage(rt)
         cfg_dict = self.cfg.to_dict()
+        assert self.pg is not None, "start() places the group first"
         for rank in range(topo.world_size):
             strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
-            actor = StageActor.options(num_cpus=rt.cpus_per_stage, num_gpus=gpus, scheduling_strategy=strategy).remote(
-                cfg_dict, rank, self.plan)
+            # mypy keeps a class's type through a class decorator: StageActor is a ray ActorClass.
+            actor = StageActor.options(  # type: ignore[attr-defined]
+                num_cpus=rt.cpus_per_stage, num_gpus=gpus, scheduling_strategy=strategy).remote(cfg_dict, rank, self.plan)
             self.actors.append(actor)
         ip, port = self._get(self.actors[0].address.remote(), "report its address")
         self._get([a.connect.remote(f"tcp://{ip}:{port}") for a in self.actors], "connect the data plane")

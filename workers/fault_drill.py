@@ -46,7 +46,8 @@ def kill_a_worker(cfg: Config, rank: int, at_step: int, seed: int = 0) -> dict[s
     """SIGKILL worker ``rank``'s process once training passes ``at_step``, from another thread and
     after a random delay under one ``runtime.poll_s``, so the kill lands at an arbitrary point of
     the coordinator's polling (the detection time is then representative, not lucky)."""
-    reached, killed = threading.Event(), {}
+    reached = threading.Event()
+    killed: dict[str, float] = {}
 
     def watch(step: int, total: int, latest: dict[str, float]) -> None:
         if step >= at_step:

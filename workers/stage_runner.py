@@ -184,7 +184,7 @@ class StageRunner:
 
     def measure_hops(self) -> dict[str, float]:
         """Ping-pong the activation to the next stage (replica 0s): one-way ms per interface."""
-        out = {}
+        out: dict[str, float] = {}
         if self.replica != 0:
             return out
         if not self.is_first:

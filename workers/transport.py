@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -163,6 +164,7 @@ class Transport:
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: Tag) -> None:
         work = dist.isend(tensor, dst=dst, tag=int(tag))
+        assert work is not None  # None only for a rank outside the group; this is the default group
         self._sends.put((work, tensor))
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
@@ -249,7 +251,7 @@ class Transport:
         times = sorted(times[3:])  # the first round trips set up connections
         return times[len(times) // 2]
 
-    def new_group(self, ranks: list[int]):
+    def new_group(self, ranks: list[int]) -> Any:  # torch's new_group is untyped
         """A subgroup for collectives (every rank of the world must call this, in the same order)."""
         return dist.new_group(ranks)
 

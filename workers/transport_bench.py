@@ -303,7 +303,9 @@ def measure_ray(
         for name, zero_copy in RAY_VARIANTS.items():
             # num_cpus=0 for the actors: a pair per variant, the old pair still alive, on 2 logical CPUs.
             options = {"num_cpus": 0, "runtime_env": {"env_vars": {ZERO_COPY_ENV: "1" if zero_copy else "0"}}}
-            pinger, echo = ray.remote(Pinger).options(**options).remote(), ray.remote(Echo).options(**options).remote()
+            # Any: ray types a handle ActorHandle[T] | type[T], whose methods (no @ray.method) lack .remote.
+            pinger: Any = ray.remote(Pinger).options(**options).remote()
+            echo: Any = ray.remote(Echo).options(**options).remote()
             # An actor that cannot be placed waits silently: bound every get.
             modes = ray.get([pinger.setup.remote(), echo.setup.remote()], timeout=timeout_s)
             if modes != [zero_copy, zero_copy]:
