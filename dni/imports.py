@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,20 @@ def _load_file(path: Path, key: str) -> Any:
     return module
 
 
+def _importable_from_cwd() -> None:
+    """Let ``package.module`` specs name the current folder's packages, as ``python -m`` does
+    (a console script such as ``dni`` does not put the folder on sys.path)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def import_object(spec: str, key: str) -> Any:
     """The object ``spec`` names.
 
     Args:
-        spec: ``"path/to/file.py:name"`` (relative to the current folder) or ``"package.module:name"``.
+        spec: ``"path/to/file.py:name"`` (relative to the current folder) or ``"package.module:name"``
+            (importable from the current folder or sys.path).
         key: the config key it came from, for error messages.
 
     Raises:
@@ -69,6 +79,7 @@ def import_object(spec: str, key: str) -> Any:
             raise ConfigError(f"{key}: no such file {where} (looked in {path.parent})")
         module = _load_file(path, key)
     else:
+        _importable_from_cwd()
         try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as e:

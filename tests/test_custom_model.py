@@ -267,3 +267,16 @@ def test_dnis_trainer_trains_a_pipeline_built_in_python(tmp_path: Path) -> None:
     summary = Trainer(cfg, create_run_dir(cfg), splits=random_splits(n_train=960, n_test=480), pipeline=pipe).fit()
     assert pipe.stages[0].module is stages[0] and summary["steps"] == 300
     assert summary["test_accuracy"] > 0.85, summary  # measured 0.95 in a plain loop; chance 1/3
+
+
+def test_a_package_module_factory_is_found_in_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    package = tmp_path / "userpkg_7c1"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text("from torch import nn\ndef two(s, n):\n    return [nn.Flatten(), nn.Linear(16, n)]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    cfg = tiny_config(model={"kind": "custom", "factory": "userpkg_7c1.models:two"}).model
+    assert [type(m).__name__ for m in build_stages(cfg, (1, 4, 4), 3, seed=0)] == ["Flatten", "Linear"]
