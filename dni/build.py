@@ -51,7 +51,7 @@ def check_context(cfg: Config, data: DataSpec) -> None:
 
 def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...], data: DataSpec) -> Synthesizer | None:
     """The synthesizer of stage ``index``'s output; None for backprop. Seeded per stage."""
-    if cfg.method == "backprop":
+    if cfg.method in ("backprop", "delayed"):
         return None
     check_context(cfg, data)
     with torch.random.fork_rng(devices=[]):
@@ -75,6 +75,7 @@ def decoupled_stage(cfg: Config, module: torch.nn.Module, index: int, *, data: D
     return DecoupledStage(
         index, module.to(device), synth.to(device) if synth is not None else None, is_last=is_last,
         options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss),
+        delayed=cfg.method == "delayed" and not is_last,
     )
 
 
@@ -100,4 +101,11 @@ def build_pipeline(cfg: Config, data: DataSpec, *, total_steps: int, device: tor
                         total_steps=total_steps, device=device)
         for i, m in enumerate(modules)
     ]
-    return Pipeline(stages, bp_lambda=cfg.synthesizer.bp_lambda, correction=cfg.sync.bp_lambda)
+    return Pipeline(stages, bp_lambda=cfg.synthesizer.bp_lambda, correction=cfg.sync.bp_lambda, delay=delay(cfg))
+
+
+def delay(cfg: Config) -> int:
+    """How many steps late a delayed stage applies a batch's gradient: with ``runtime.max_in_flight``
+    batches in flight a runtime worker gets it back after sending that many; the local backend
+    reproduces the same delay (0 for the other methods)."""
+    return cfg.runtime.max_in_flight - 1 if cfg.method == "delayed" else 0

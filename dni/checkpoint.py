@@ -23,7 +23,26 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or incompatible; the message says what to do."""
+    """A checkpoint is missing, unreadable or incompatible; the message says what to do.
+
+    ``reason`` is the short what-is-wrong part of an unreadable file's message (empty otherwise).
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _why_unreadable(error: Exception) -> str:
+    """What is wrong with a file torch could not load, in a few words: never torch's whole text
+    (several lines, and advice to load with code execution on, which dni never does)."""
+    text = str(error).strip()
+    if "weights only" in text.lower() or "weights_only" in text:
+        return "it holds objects other than tensors and plain values, which dni does not load"
+    first = text.splitlines()[0] if text else ""
+    first = first.split(". ")[0].rstrip(".")  # torch's first sentence says what failed
+    detail = f"{type(error).__name__}: {first[:100]}" if first else type(error).__name__
+    return f"corrupted or truncated, or not a checkpoint ({detail})"
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -73,12 +92,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
-        raise CheckpointError(
-            f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "the file is corrupted or truncated: delete it to resume from the previous checkpoint"
-        ) from None
+        reason = _why_unreadable(e)
+        raise CheckpointError(f"{path}: {reason}; delete it to resume from the previous checkpoint",
+                              reason=reason) from None
     if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"{path}: not a dni checkpoint (no format_version)")
+        reason = "not a dni checkpoint (no format_version)"
+        raise CheckpointError(f"{path}: {reason}", reason=reason)
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {state['format_version']} but this dni reads format "
@@ -97,12 +116,14 @@ def load_latest(folder: Path) -> dict[str, Any]:
     if not candidates:
         raise CheckpointError(f"{folder}: no checkpoints to resume from (is this a run directory?)")
     errors = []
-    for path in reversed(candidates):
+    for n, path in enumerate(reversed(candidates)):
         try:
             return load_checkpoint(path)
         except CheckpointError as e:
-            if "format" in str(e) and "reads format" in str(e):
+            if not e.reason:  # readable, but of another format version: an older one would be too
                 raise
-            errors.append(str(e))
-            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
-    raise CheckpointError(f"{folder}: no readable checkpoint; " + " | ".join(errors))
+            errors.append(f"{path.name}: {e.reason}")
+            instead = f"trying {candidates[-n - 2].name} instead" if n + 1 < len(candidates) else "no older one left"
+            warnings.warn(f"skipping unreadable checkpoint {path}: {e.reason}; {instead}", stacklevel=2)
+    raise CheckpointError(f"{folder}: no readable checkpoint ({'; '.join(errors)}); delete the run directory and "
+                          "start afresh with `dni train CONFIG`")

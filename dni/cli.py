@@ -1,22 +1,28 @@
 """The ``dni`` command line: train, compare, bench, submit, tensorboard, data.
 
 Errors in what the user gave (config, data, checkpoint, device) print one line,
-``dni: error: ...``, and exit with status 2; no traceback.
+``dni: error: ...``, and exit with status 2; no traceback. Ctrl-C or SIGTERM during training
+checkpoints where the run is, prints the resume command and exits with status 130
+(see :func:`run_training`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from dni.checkpoint import CheckpointError
 from dni.config import METHODS, Config, ConfigError, load_config
 from dni.data import DataError
-from dni.run import RunError
+from dni.run import Interrupted, RunError
 
 USAGE_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -32,7 +38,8 @@ def _progress_bar(desc: str) -> Callable[[int, int, dict[str, float]], None]:
         if bar is None:
             bar = state["bar"] = tqdm(total=total, initial=step - 1, desc=desc, unit="step", dynamic_ncols=True)
         bar.update(step - bar.n)
-        if step % 20 == 0 or step == total:
+        if step - state.get("posted", 0) >= 20 or step == total:  # steps may come every one or every poll
+            state["posted"] = step
             post = {"loss": f"{latest.get('train/loss', float('nan')):.4f}"}
             if "train/samples_per_second" in latest:
                 post["samples/s"] = f"{latest['train/samples_per_second']:.0f}"
@@ -45,22 +52,124 @@ def _progress_bar(desc: str) -> Callable[[int, int, dict[str, float]], None]:
     return update
 
 
+def _close_progress_bars() -> None:
+    """Close every open progress bar, so that none is redrawn after a final message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+@contextmanager
+def _stop_on_signals(request_stop: Callable[[], None]) -> Iterator[None]:
+    """While training, the first SIGINT (Ctrl-C) or SIGTERM asks the run to stop at a step with a
+    checkpoint (``request_stop``); a second one stops at once (KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    asked: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        print("\ndni: stopping at the next step with a checkpoint (interrupt again to stop at once)",
+              file=sys.stderr, flush=True)
+        request_stop()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _newest_checkpoint(run_dir: Path) -> int:
+    """The step of the newest checkpoint file in ``run_dir`` (0: none)."""
+    from dni.checkpoint import list_checkpoints
+    from dni.run import CHECKPOINTS
+
+    saved = list_checkpoints(run_dir / CHECKPOINTS)
+    return int(saved[-1].stem.split("-")[1]) if saved else 0
+
+
+def _interrupted_message(run_dir: Path, step: int | None, checkpoint: int, saved: bool) -> str:
+    resume = f"dni train --resume {shlex.quote(str(run_dir))}"
+    if saved:
+        return f"dni: interrupted at step {step}, checkpoint written; resume with: {resume}"
+    stopped = f"stopped at step {step} without a new checkpoint" if step is not None else "stopped at once"
+    if checkpoint == 0:
+        return f"dni: interrupted: {stopped}; no checkpoint to resume from: start again with `dni train CONFIG`"
+    return f"dni: interrupted: {stopped}; resume continues from step {checkpoint}: {resume}"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run_training(cfg: Config, *, resume_dir: Path | None = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Train ``cfg`` with its backend (or resume ``resume_dir``); returns (run dir, summary)."""
-    from dni.run import create_run_dir
+    """Train ``cfg`` with its backend (or resume ``resume_dir``); returns (run dir, summary).
+
+    The run directory is created only once the run has passed its checks (config, data, device,
+    the pipeline; on Ray also the model plan and the placement), and its path is printed on
+    stderr. A run that fails later keeps it, with ``summary.json`` saying ``"status": "failed"``
+    and the error. The first SIGINT or SIGTERM stops the run at a step with a checkpoint and
+    prints the resume command (``"status": "interrupted"``); a second one stops at once.
+
+    Raises:
+        Interrupted: the run was stopped by a signal (the message is printed).
+    """
+    from dni.run import Interrupted, create_run_dir, next_run_dir, write_status
     from dni.trainer import Trainer
 
-    run_dir = resume_dir or create_run_dir(cfg)
+    run_dir = resume_dir or next_run_dir(cfg)
     show = progress and cfg.log.progress
     bar = _progress_bar(cfg.name) if show else None
+    runner: Any
     if cfg.backend == "ray":
         from workers.coordinator import Coordinator  # Ray is imported only for this backend
 
-        return run_dir, Coordinator(cfg, run_dir, progress=bar, resume=resume_dir is not None).run()
-    trainer = Trainer(cfg, run_dir, progress=bar)
-    if resume_dir is not None:
-        trainer.resume()
-    return run_dir, trainer.fit()
+        runner = Coordinator(cfg, run_dir, progress=bar, resume=resume_dir is not None)
+        try:
+            runner.start()  # placement is one of the checks
+        except BaseException:
+            runner.shutdown()
+            raise
+        fit = runner.run
+    else:
+        runner = Trainer(cfg, run_dir, progress=bar)
+        if resume_dir is not None:
+            runner.resume()
+        fit = runner.fit
+    try:
+        if resume_dir is None:
+            create_run_dir(cfg, at=run_dir)
+        print(f"dni: run directory {run_dir}", file=sys.stderr, flush=True)
+        with _stop_on_signals(runner.request_stop):
+            return run_dir, fit()
+    except Interrupted as stop:
+        _close_progress_bars()
+        message = _interrupted_message(run_dir, stop.step, stop.checkpoint, stop.saved)
+        write_status(run_dir, cfg, "interrupted", step=stop.step, checkpoint=stop.checkpoint, message=message)
+        print(message, file=sys.stderr, flush=True)
+        raise
+    except KeyboardInterrupt:  # a second interrupt: no checkpoint wait
+        _close_progress_bars()
+        if cfg.backend == "ray":
+            runner.shutdown()
+        checkpoint = _newest_checkpoint(run_dir)
+        message = _interrupted_message(run_dir, None, checkpoint, False)
+        write_status(run_dir, cfg, "interrupted", checkpoint=checkpoint, message=message)
+        print(message, file=sys.stderr, flush=True)
+        raise Interrupted(-1, checkpoint=checkpoint, saved=False) from None
+    except Exception as e:
+        if cfg.backend == "ray":
+            runner.shutdown()  # (idempotent) when the run failed before Coordinator.run
+        if run_dir.is_dir():
+            write_status(run_dir, cfg, "failed", error=_one_line(e))
+        raise
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -123,25 +232,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def tensorboard_argv(run_dirs: list[str], *, port: int, host: str = "127.0.0.1") -> list[str]:
-    """The TensorBoard command for ``run_dirs``: one run each, named by its folder, bound to
-    ``host`` (localhost unless asked: TensorBoard has no authentication)."""
+def tensorboard_argv(run_dirs: list[str], *, port: int, host: str = "127.0.0.1", logdir: Path) -> list[str]:
+    """The TensorBoard command for ``run_dirs``, bound to ``host`` (localhost unless asked:
+    TensorBoard has no authentication).
+
+    ``logdir`` (an empty folder, e.g. a temporary one) receives a link to each run named by its
+    folder (``-2``, ``-3`` appended to repeated names) and is TensorBoard's ``--logdir``: the runs
+    show as ``mnist-fcn4-<time>``; ``--logdir_spec name:path`` would show ``name/.`` for events
+    in the folder itself, and forgoes TensorBoard's fast loader.
+    """
     for d in run_dirs:
         if not Path(d).is_dir():
             raise ConfigError(f"{d}: no such run directory")
-    spec = ",".join(f"{Path(d).name}:{d}" for d in run_dirs)
-    return [sys.executable, "-m", "tensorboard.main", "--logdir_spec", spec, "--host", host, "--port", str(port)]
+    for d in run_dirs:
+        target = Path(d).resolve()
+        name, n = target.name, 1
+        while (logdir / name).exists():
+            n += 1
+            name = f"{target.name}-{n}"
+        (logdir / name).symlink_to(target, target_is_directory=True)
+    return [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host, "--port", str(port)]
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     import subprocess
 
-    from dni.submit import DEFAULT_ADDRESS, submit_argv, submit_env
+    from dni.submit import DEFAULT_ADDRESS, check_dashboard, submit_argv, submit_env
 
     address = args.address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_ADDRESS
     argv = submit_argv(args.config, args.overrides, address=address, working_dir=args.working_dir,
                        python=args.python, wait=not args.no_wait, submission_id=args.submission_id,
                        excludes=args.exclude)
+    check_dashboard(address)
     env = submit_env()
     print(f"dni: submitting to {address}: {' '.join(argv[argv.index('--') + 1:])}", file=sys.stderr)
     code = subprocess.call(argv, env=env)
@@ -152,11 +274,46 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
+    """Run TensorBoard as a child and outlive it: on SIGINT, SIGTERM or SIGHUP the child is sent
+    SIGTERM and waited for (killed if it has not exited 10 s later), so nothing keeps serving the
+    port once ``dni tensorboard`` is gone."""
+    import signal
     import subprocess
+    import tempfile
 
-    argv = tensorboard_argv(args.run_dirs, port=args.port, host=args.host)
-    print(f"TensorBoard on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    return subprocess.call(argv)
+    class _Stop(Exception):
+        """A signal to ``dni tensorboard``, to pass on to TensorBoard."""
+
+        def __init__(self, signum: int) -> None:
+            super().__init__(signum)
+            self.signum = signum
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stop(signum)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    with tempfile.TemporaryDirectory(prefix="dni-tensorboard-") as logdir:
+        argv = tensorboard_argv(args.run_dirs, port=args.port, host=args.host, logdir=Path(logdir))
+        print(f"TensorBoard on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
+        # Its own session: a Ctrl-C in the terminal reaches TensorBoard once, from here.
+        child = subprocess.Popen(argv, start_new_session=True)
+        previous = {s: signal.signal(s, stop) for s in signals}
+        try:
+            return child.wait()
+        except _Stop as e:
+            child.terminate()  # SIGTERM, whichever signal came: TensorBoard exits on it (SIGINT may be ignored)
+            return 128 + e.signum
+        finally:
+            for s in signals:  # a second signal while waiting: stop waiting
+                signal.signal(s, lambda *_: child.kill())
+            if child.poll() is None:
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -277,8 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as e:
         print(f"dni: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("dni: interrupted; resume with `dni train --resume RUN_DIR`", file=sys.stderr)
+    except Interrupted:  # run_training said what was saved and how to resume
+        return 130
+    except KeyboardInterrupt:  # before a run started (its checks), or between runs
+        print("dni: interrupted", file=sys.stderr)
         return 130
 
 

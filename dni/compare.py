@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dni.run import METRICS_FILE
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -38,27 +43,81 @@ def markdown_table(summaries: dict[str, dict[str, Any]], baseline: str | None = 
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(path: Path, runs: dict[str, Path], *, title: str = "") -> None:
-    """Learning curves (training loss and test accuracy against steps) of several runs, as a PNG."""
+def accuracy_by_seconds(rows: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """(training seconds, test accuracy) at each evaluation: ``time/train_seconds`` is logged at
+    the step of each evaluation, evaluation time excluded."""
+    seconds = {r["step"]: r["time/train_seconds"] for r in rows if r.get("time/train_seconds") is not None}
+    steps, acc = series(rows, "test/accuracy")
+    pts = [(seconds[s], a) for s, a in zip(steps, acc) if s in seconds]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def learning_curves_figure(runs: dict[str, Path], *, title: str = "") -> Figure:
+    """Training loss against steps, and test accuracy against steps and against training seconds
+    (time to accuracy), of several runs: one line with markers per run, the same colour in
+    every panel. An axis is logarithmic only where its values span more than a decade."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc, ax_time) = plt.subplots(1, 3, figsize=(15, 4.2))
+    values: dict[Axes, list[float]] = {ax_loss: [], ax_acc: [], ax_time: []}
     for label, run_dir in runs.items():
         rows = read_metrics(run_dir)
-        ax_loss.plot(*series(rows, "train/loss"), label=label, linewidth=1)
-        steps, acc = series(rows, "test/accuracy")
-        ax_acc.plot(steps, [100 * (1 - a) for a in acc], marker=".", label=label)
-    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
-    ax_acc.set(xlabel="step", ylabel="test error %", yscale="log", title="test error")
-    for ax in (ax_loss, ax_acc):
+        for ax, (x, y) in ((ax_loss, series(rows, "train/loss")),
+                           (ax_acc, series(rows, "test/accuracy")), (ax_time, accuracy_by_seconds(rows))):
+            if ax is not ax_loss:
+                y = [100 * a for a in y]
+            ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=5, linewidth=1.2, label=label)
+            values[ax] += y
+    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
+    ax_acc.set(xlabel="step", ylabel="test accuracy %", title="test accuracy")
+    ax_time.set(xlabel="training seconds", ylabel="test accuracy %", title="time to accuracy")
+    for ax, ys in values.items():
+        _plain_axes(ax, ys)
+        # From the start of training, so a run's single evaluation stands at its step or time.
+        ax.set_xlim(0, ax.get_xlim()[1] * 1.04)
+        ax.margins(y=0.15)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(loc="best")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def _plain_axes(ax: Axes, ys: list[float]) -> None:
+    """A log y axis only if ``ys`` span more than a decade; tick labels as plain numbers
+    (``80``, ``0.5``), with no offset and no ``8x10^0``."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    positive = [y for y in ys if y > 0]
+    if positive and len(positive) == len(ys) and max(positive) > 10 * min(positive):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.yaxis.set_major_formatter(_plain())
+    ax.xaxis.set_major_formatter(_plain())
+
+
+def _plain() -> ScalarFormatter:
+    from matplotlib.ticker import ScalarFormatter
+
+    fmt = ScalarFormatter(useOffset=False)
+    fmt.set_scientific(False)
+    return fmt
+
+
+def plot_curves(path: Path, runs: dict[str, Path], *, title: str = "") -> None:
+    """:func:`learning_curves_figure` of ``runs``, as a PNG."""
+    fig = learning_curves_figure(runs, title=title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

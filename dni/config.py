@@ -18,7 +18,7 @@ import yaml
 
 from dni.optim import OPTIMIZERS
 
-METHODS = ("backprop", "dni", "cdni")
+METHODS = ("backprop", "dni", "cdni", "delayed")
 MODEL_KINDS = ("fcn", "cnn", "custom")
 DATASETS = ("mnist", "cifar10", "idx", "custom")
 LOSSES = ("cross_entropy", "mse")
@@ -28,6 +28,7 @@ TRANSPORTS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine", "step")
 NONFINITE_POLICIES = ("stop", "skip", "reset")
+RAY_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
@@ -261,7 +262,8 @@ class RuntimeConfig:
     """How the Ray runtime runs the stages (``backend: ray``)."""
 
     max_in_flight: int = 2
-    """Batches a stage may have sent downstream whose gradient targets have not come back (backpressure; 1 = lock-step)."""
+    """Batches a stage may have sent downstream whose gradient targets have not come back (backpressure; 1 = lock-step).
+    Under method delayed it sets the delay of every update (max_in_flight - 1 steps), on both backends."""
     max_staleness: int = 16
     """Targets older than this many steps are dropped rather than used to train a synthesizer (the drops are logged)."""
     placement_strategy: str = "PACK"
@@ -282,6 +284,9 @@ class RuntimeConfig:
     max_restarts: int = 3
     """Stage-worker failures survived per run, each by restarting the pipeline from its last
     checkpoint (see checkpoint.every); one more stops the run with a message."""
+    ray_log_level: str = "error"
+    """Level of Ray's own driver-side logging (its start-up lines, the token notice): debug, info,
+    warning or error; the default shows only Ray's errors."""
 
     def validate(self) -> None:
         _check(self.max_in_flight >= 1, "runtime.max_in_flight", f"must be >= 1 (got {self.max_in_flight})")
@@ -297,6 +302,7 @@ class RuntimeConfig:
         _check(self.timeout_s > 0, "runtime.timeout_s", f"must be > 0 (got {self.timeout_s})")
         _check(self.poll_s > 0, "runtime.poll_s", f"must be > 0 (got {self.poll_s})")
         _check(self.max_restarts >= 0, "runtime.max_restarts", f"must be >= 0 (got {self.max_restarts})")
+        _one_of(self.ray_log_level, RAY_LOG_LEVELS, "runtime.ray_log_level")
 
 
 @dataclass
@@ -349,7 +355,9 @@ class Config:
     name: str = "run"
     """Run name; the run directory is ``log.dir/<name>-<time>``."""
     method: str = "cdni"
-    """backprop, dni (synthesizer sees the activation) or cdni (activation and label)."""
+    """backprop, dni (synthesizer sees the activation), cdni (activation and label), or delayed
+    (no synthesizer: each stage applies the true gradient of a batch when it comes back,
+    runtime.max_in_flight - 1 steps later on both backends, replaying its forward on the kept input)."""
     backend: str = "local"
     """local: the single-process reference trainer; ray: one Ray actor per stage."""
     seed: int = 0
@@ -374,6 +382,10 @@ class Config:
         """Check every field; returns self. Raises ConfigError naming the first bad key."""
         _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/' (got {self.name!r})")
         _one_of(self.method, METHODS, "method")
+        _check(self.synthesizer.bp_lambda == 0 or self.method in ("dni", "cdni"), "synthesizer.bp_lambda",
+               f"mixes true and synthetic gradients: it needs method dni or cdni (got {self.method})")
+        _check(self.method != "delayed" or self.train.nonfinite == "stop", "train.nonfinite",
+               "skip and reset are not available with method=delayed yet; use stop")
         _one_of(self.backend, BACKENDS, "backend")
         _one_of(self.device, DEVICES, "device")
         _check(self.threads >= 0, "threads", f"must be >= 0 (got {self.threads})")

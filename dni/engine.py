@@ -56,8 +56,26 @@ class StageStep:
 
 def is_locked(stage: DecoupledStage, bp_lambda: float) -> bool:
     """Whether ``stage`` waits for the gradient from above before it updates: a stage (not the
-    last) without a synthesizer (backprop), or any stage under BP(lambda > 0)."""
-    return not stage.is_last and (stage.synthesizer is None or bp_lambda > 0)
+    last, not delayed) without a synthesizer (backprop), or any stage under BP(lambda > 0)."""
+    return not stage.is_last and not stage.delayed and (stage.synthesizer is None or bp_lambda > 0)
+
+
+def delayed_forward(stage: DecoupledStage, x: torch.Tensor) -> StageStep:
+    """The delayed rule's step on a new batch: the output only; the update comes with the batch's
+    gradient (:func:`delayed_update`). The caller keeps ``x`` (and the labels) until then."""
+    return StageStep(stage.forward_only(x), None, None)
+
+
+def delayed_update(stage: DecoupledStage, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """The delayed rule's update: dL/dh of the batch whose input was ``x`` has come back; replay the
+    forward at the current weights, backpropagate it, step.
+
+    Returns:
+        (dL/dx, the true delayed gradient for the stage below or None for stage 0; whether the
+        step was applied, see p_update).
+    """
+    target = stage.replay_backward(x, grad)
+    return target, stage.step()
 
 
 def train_step(stage: DecoupledStage, x: torch.Tensor, labels: torch.Tensor, *,

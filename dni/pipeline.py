@@ -8,7 +8,13 @@ distributed worker makes. Stage by stage:
   its output, and the target that comes back trains its synthesizer;
 * a **locked** stage (no synthesizer: backprop; or ``bp_lambda > 0``) runs the chain
   above it first and backpropagates the gradient that comes back, mixed with its
-  synthetic gradient under BP(lambda). With no synthesizers this is plain backprop.
+  synthetic gradient under BP(lambda). With no synthesizers this is plain backprop;
+* a **delayed** stage (``method: delayed``) sends its output on at once and keeps its input;
+  it applies the true gradient of a batch ``delay`` steps later, replaying its forward at
+  its current weights (features replay): the order of a runtime worker with
+  ``runtime.max_in_flight = delay + 1`` batches in flight. ``delay = 0`` is backprop.
+  :meth:`Pipeline.flush` applies the updates still owed (at checkpoints, as the runtime's
+  workers drain there).
 
 True-gradient rounds (``true_round``, see :mod:`dni.true_round`) measure each
 synthesizer against the true gradient of the same batch and, on training rounds, train
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -68,13 +75,20 @@ class Pipeline:
         correction: ``sync.bp_lambda``, applied on training true rounds.
     """
 
-    def __init__(self, stages: list[DecoupledStage], *, bp_lambda: float = 0.0, correction: float = 0.0) -> None:
+    def __init__(self, stages: list[DecoupledStage], *, bp_lambda: float = 0.0, correction: float = 0.0,
+                 delay: int = 0) -> None:
         if not stages or not stages[-1].is_last or any(s.is_last for s in stages[:-1]):
             raise ValueError("a pipeline needs stages whose last (and only the last) computes the loss")
         if not 0.0 <= bp_lambda <= 1.0 or not 0.0 <= correction <= 1.0:
             raise ValueError(f"bp_lambda and correction must be in [0, 1], got {bp_lambda} and {correction}")
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, got {delay}")
         self.stages = stages
-        self.bp_lambda, self.correction = bp_lambda, correction
+        self.bp_lambda, self.correction, self.delay = bp_lambda, correction, delay
+        # Delayed stages: the inputs kept for batches whose gradients are owed, and those gradients
+        # once the stage above has produced them (oldest first).
+        self._kept: list[deque[torch.Tensor]] = [deque() for _ in stages]
+        self._owed: list[deque[torch.Tensor]] = [deque() for _ in stages]
 
     @property
     def decoupled(self) -> bool:
@@ -100,6 +114,8 @@ class Pipeline:
         """Stage ``i`` and every stage above it on this batch; returns their steps, in order."""
         stage = self.stages[i]
         above: list[StageStep] = []
+        if stage.delayed:
+            return self._run_delayed(i, x, y, result, rounds, true_round)
 
         def from_above(h: torch.Tensor) -> torch.Tensor:  # a locked stage: the chain above runs first
             above.extend(self._run_from(i + 1, h, y, result, rounds, true_round))
@@ -113,6 +129,9 @@ class Pipeline:
         result.updated[i] = step.updated
         if stage.is_last:
             result.loss = step.loss
+            if i > 0 and self.stages[i - 1].delayed:
+                assert step.target is not None
+                self._owed[i - 1].append(step.target)
         if step.synth_loss is not None:
             result.synth_losses[i] = step.synth_loss
         if tr is not None:
@@ -123,6 +142,35 @@ class Pipeline:
             assert target is not None
             result.synth_losses[i] = stage.train_synthesizer(step.h, y, target)
         return [step, *above]
+
+    def _run_delayed(self, i: int, x: torch.Tensor, y: torch.Tensor, result: StepResult,
+                     rounds: dict[int, TrueRound], true_round: str | None) -> list[StageStep]:
+        """A delayed stage: forward, the chain above, then the update owed from ``delay`` steps ago."""
+        step = engine.delayed_forward(self.stages[i], x)
+        self._kept[i].append(x)
+        above = self._run_from(i + 1, step.h, y, result, rounds, true_round)
+        if len(self._kept[i]) > self.delay:
+            result.updated[i] = self._apply_owed(i)
+        return [step, *above]
+
+    def _apply_owed(self, i: int) -> bool:
+        """Stage ``i``'s oldest owed update; its target is owed to the stage below."""
+        target, updated = engine.delayed_update(self.stages[i], self._kept[i].popleft(), self._owed[i].popleft())
+        if i > 0 and self.stages[i - 1].delayed:
+            assert target is not None
+            self._owed[i - 1].append(target)
+        return updated
+
+    def flush(self) -> None:
+        """Apply every update still owed to a delayed stage, top down (a consistent cut)."""
+        for i in range(len(self.stages) - 2, -1, -1):
+            while self._kept[i]:
+                self._apply_owed(i)
+
+    @property
+    def owed(self) -> int:
+        """Updates still owed to delayed stages (0 after :meth:`flush`)."""
+        return sum(len(k) for k in self._kept)
 
     def _finish_rounds(self, rounds: dict[int, TrueRound], true_grad: torch.Tensor | None, result: StepResult) -> None:
         """Pass the true gradient from the top down through every stage's round."""

@@ -6,7 +6,7 @@ Layout of ``<log.dir>/<name>-<YYYYmmdd-HHMMSS>/``::
     metrics.jsonl      one JSON object per logged step
     events.out.tfevents.*   TensorBoard
     checkpoints/step-<n>.pt
-    summary.json       written when the run ends
+    summary.json       written when the run ends: "status" completed, interrupted or failed
 """
 
 from __future__ import annotations
@@ -34,13 +34,29 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
-def create_run_dir(cfg: Config) -> Path:
-    """A new, empty run directory for ``cfg`` holding its resolved config."""
+class Interrupted(Exception):
+    """A run stopped on request (Ctrl-C, SIGTERM) at global ``step``; ``checkpoint`` is the step of
+    the newest checkpoint on disk (0: none), ``saved`` whether it was written at ``step``."""
+
+    def __init__(self, step: int, *, checkpoint: int, saved: bool) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint, self.saved = step, checkpoint, saved
+
+
+def next_run_dir(cfg: Config) -> Path:
+    """Where a new run of ``cfg`` would go: ``<log.dir>/<name>-<time>``, not created yet."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.log.dir).expanduser() / f"{cfg.name}-{stamp}"
     path, n = base, 1
     while path.exists():  # two runs started within the same second
         path, n = Path(f"{base}-{n}"), n + 1
+    return path
+
+
+def create_run_dir(cfg: Config, *, at: Path | None = None) -> Path:
+    """A new, empty run directory for ``cfg`` (at ``at``, else :func:`next_run_dir`) holding its
+    resolved config."""
+    path = at or next_run_dir(cfg)
     path.mkdir(parents=True)
     write_text_atomic(path / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
@@ -68,3 +84,9 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def write_status(run_dir: Path, cfg: Config, status: str, **fields: Any) -> None:
+    """The summary of a run that did not complete: ``status`` (``failed`` or ``interrupted``) and
+    what is known (e.g. ``error``, the one-line message; ``checkpoint``, the step resuming starts at)."""
+    write_summary(run_dir, {"name": cfg.name, "method": cfg.method, "backend": cfg.backend, "status": status, **fields})

@@ -95,6 +95,9 @@ class DecoupledStage:
         seed: seeds this stage's stochastic-update stream.
         loss_fn: the last stage's loss ``(output, labels) -> scalar``, a batch mean
             (default :func:`dni.losses.cross_entropy`).
+        delayed: the delayed true-gradient rule (``method: delayed``): the stage sends its output
+            on at once but updates only when dL/dh of that batch comes back, replaying its
+            forward on the kept input with its current weights (features replay).
     """
 
     def __init__(
@@ -107,9 +110,13 @@ class DecoupledStage:
         options: StageOptions,
         seed: int,
         loss_fn: LossFn = cross_entropy,
+        delayed: bool = False,
     ) -> None:
         if is_last and synthesizer is not None:
             raise ValueError("the last stage computes the true loss and takes no synthesizer")
+        if delayed and (is_last or synthesizer is not None):
+            raise ValueError("the delayed rule is for stages below the last, without a synthesizer")
+        self.delayed = delayed
         self.index = index
         self.module = module
         self.synthesizer = synthesizer
@@ -138,6 +145,27 @@ class DecoupledStage:
         self._input = x.detach().requires_grad_(self.index > 0)
         self._output = self.module(self._input)
         return _finite(self._output, self, "activation").detach()
+
+    def forward_only(self, x: torch.Tensor) -> torch.Tensor:
+        """The delayed rule's forward: the output now, without keeping a graph (the update
+        replays the forward, :meth:`replay_backward`). BatchNorm statistics move as usual."""
+        with torch.no_grad():
+            h = self.module(x)
+        return _finite(h, self, "activation")
+
+    def replay_backward(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """The delayed rule's backward: run the stage again on the kept input ``x`` at its current
+        weights and backpropagate ``grad``, dL/dh of that batch (features replay). The replay leaves
+        the BatchNorm statistics as the first forward set them. Returns dL/dx (None for stage 0)."""
+        saved = [b.detach().clone() for b in self.module.buffers()]
+        try:
+            self._input = x.detach().requires_grad_(self.index > 0)
+            self._output = self.module(self._input)
+            return self.backward(grad)
+        finally:  # after the backward: BatchNorm's graph holds its statistics at their version
+            with torch.no_grad():
+                for b, old in zip(self.module.buffers(), saved):
+                    b.copy_(old)
 
     def context(self, labels: torch.Tensor) -> torch.Tensor | None:
         """What this stage's synthesizer conditions on: the labels for cDNI, else nothing."""

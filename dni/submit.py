@@ -13,10 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from dni.config import ConfigError, load_config
+from dni.run import RunError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Not uploaded with a job: environments, version control, outputs and caches. (Ray would also
@@ -56,6 +59,24 @@ def submit_argv(config: str, overrides: list[str], *, address: str, working_dir:
     if not wait:
         argv.append("--no-wait")
     return [*argv, "--", python, "-m", "dni.cli", "train", str(rel), "backend=ray", *overrides, "--no-progress"]
+
+
+def check_dashboard(address: str, *, timeout_s: float = 3.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at the dashboard ``address`` (Ray's
+    CLI would print a long traceback); a TCP connect, before anything is uploaded.
+
+    Raises:
+        RunError: the connection is refused, or not made within ``timeout_s``.
+    """
+    url = urlparse(address if "://" in address else f"http://{address}")
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname or "127.0.0.1", port), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise RunError(f"no Ray dashboard answers at {address} ({why}): start a cluster with `ray start --head` or "
+                       "`bash launch/local_cluster.sh up`, or tunnel to a remote one with "
+                       "`ray dashboard launch/cluster.yaml`, or give its --address") from None
 
 
 def submit_env(environ: dict[str, str] | None = None) -> dict[str, str]:

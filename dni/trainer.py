@@ -23,7 +23,7 @@ from dni.engine import apply_nonfinite
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
 from dni.models import describe
 from dni.pipeline import Pipeline
-from dni.run import CHECKPOINTS, METRICS_FILE, write_summary
+from dni.run import CHECKPOINTS, METRICS_FILE, Interrupted, write_summary
 from dni.schedule import EpochBatches, Schedule
 from dni.stage import NonFiniteError
 
@@ -99,6 +99,12 @@ class Trainer:
         self.eval_seconds = 0.0  # of which evaluating
         self.logger: MetricsLogger | None = None
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        """Ask :meth:`fit` to stop after the step in progress, with a checkpoint there (safe to
+        call from a signal handler: it only sets a flag)."""
+        self._stop_requested = True
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -127,11 +133,18 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
     def save(self) -> Path:
+        # Delayed stages first take the updates still owed, as runtime workers drain at a checkpoint:
+        # the saved state has nothing in flight, and a resumed run replays the same updates.
+        self.pipeline.flush()
         return save_checkpoint(self.run_dir / CHECKPOINTS, self.step, self.state_dict(), keep=self.cfg.checkpoint.keep)
 
     # -- loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to the end of the budget; returns (and writes) the summary."""
+        """Train to the end of the budget; returns (and writes) the summary.
+
+        Raises:
+            Interrupted: :meth:`request_stop` was called; the checkpoint of that step is written.
+        """
         resumed = self.step if self.step > 0 else None
         self.logger = MetricsLogger([
             JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed),
@@ -140,7 +153,7 @@ class Trainer:
         try:
             self._loop()
             summary = self._summary()
-            self.logger.hparams(flatten(self.cfg.to_dict()), {"test_accuracy": summary["test_accuracy"]})
+            self.logger.hparams(flatten(self.cfg.to_dict()), summary)
         finally:
             self.logger.close()
         write_summary(self.run_dir, summary)
@@ -171,6 +184,10 @@ class Trainer:
             self.elapsed = time.perf_counter() - start
             if schedule.checkpoints_after(g):
                 self.save()
+            elif self._stop_requested:
+                self.save()
+            if self._stop_requested and self.step < budget.total_steps:
+                raise Interrupted(self.step, checkpoint=self.step, saved=True)
 
     def _train_step(self, g: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         scalars: dict[str, float] = {}
@@ -221,6 +238,7 @@ class Trainer:
             "name": cfg.name,
             "method": cfg.method,
             "backend": "local",
+            "status": "completed",
             "model": describe(cfg.model),
             "stages": len(self.pipeline.stages),
             "dataset": cfg.data.name,

@@ -6,7 +6,7 @@ The plain loop is what a user writes without dni: the factory's stages composed 
 ``nn.Sequential``, one optimiser over all parameters, ``loss.backward()``, ``step()``. It
 shares with dni only what makes the comparison fair: the data (same splits, same batch
 order), the model's initial weights (the factory, same seed) and the budget and schedule.
-Then ``dni train`` runs the same config with ``method=backprop`` and ``method=cdni``,
+Then ``dni train`` runs the same config with each of ``--methods`` (default backprop and cdni),
 on the local backend and (unless ``--no-ray``) on Ray. Writes ``results.json`` and
 ``README.md`` (table, environment, commands) to ``--out``.
 """
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/custom_model")
     parser.add_argument("--no-ray", action="store_true", help="skip the backend=ray runs")
     parser.add_argument("--log-dir", default="runs/custom_model")
+    parser.add_argument("--methods", default="backprop,cdni", help="dni methods to run (default: %(default)s)")
     args = parser.parse_args(argv)
     command = " ".join(["python scripts/plain_baseline.py", args.config, *args.overrides])
     base = [*args.overrides, f"log.dir={args.log_dir}", "log.progress=false"]
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"plain PyTorch loop": plain_loop(cfg)}
     backends = ["local"] + ([] if args.no_ray else ["ray"])
     for backend in backends:
-        for method in ("backprop", "cdni"):
+        for method in args.methods.split(","):
             run_cfg = load_config(args.config, [*base, f"method={method}", f"backend={backend}",
                                                 f"name={cfg.name}-{method}-{backend}"])
             rows[f"dni {method}, backend {backend}"] = dni_run(run_cfg)

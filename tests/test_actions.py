@@ -73,6 +73,12 @@ def test_boundaries_average_evaluate_report_and_cut() -> None:
     assert table(Role(0, 0, locked=False, rounds=True), boundary_actions)[3] == ["report"]
 
 
+def test_a_stop_request_makes_its_boundary_a_cut() -> None:
+    role = Role(1, 1, locked=False, rounds=True)
+    stopped = [[repr(a) for a in boundary_actions(TOPOLOGY, SCHEDULE, role, g, stop=True)] for g in (0, 1, 2)]
+    assert stopped == [["drain", "keep_state"], ["report", "drain", "keep_state"], ["drain", "keep_state"]]
+
+
 def test_rounds_of_both_kinds_in_the_schedule() -> None:
     s = Schedule(total_steps=12, steps_per_epoch=12, true_every=4, measure_every=3)
     assert [s.true_round(g) for g in range(12)] == [

@@ -35,7 +35,7 @@ def test_defaults_yaml_and_overrides_in_order_of_precedence(tmp_path: Path) -> N
         ("train:\n  epoch: 1\n", [], "train.epoch: unknown key; valid keys here are epochs"),
         ("train:\n  epochs: many\n", [], "train.epochs: must be an integer (got 'many')"),
         ("", ["train.lr=-0.1"], "train.lr: must be > 0"),
-        ("", ["method=sgd"], "method: must be one of backprop, dni, cdni (got 'sgd')"),
+        ("", ["method=sgd"], "method: must be one of backprop, dni, cdni, delayed (got 'sgd')"),
         ("", ["model.boundaries=[3,9]"], "model.boundaries: must be strictly increasing layer indices in 1..3"),
         ("", ["synthesizer.p_update=0"], "synthesizer.p_update: must be in (0, 1]"),
         ("", ["train.epochs"], "an override must look like section.key=value"),
@@ -43,6 +43,8 @@ def test_defaults_yaml_and_overrides_in_order_of_precedence(tmp_path: Path) -> N
         ("- a\n- b\n", [], "must hold a mapping of sections"),
         ("train: [1\n", [], "not valid YAML at line"),
         ("log:\n  progress: maybe\n", [], "log.progress: must be true or false"),
+        ("", ["runtime.ray_log_level=loud"],
+         "runtime.ray_log_level: must be one of debug, info, warning, error (got 'loud')"),
     ],
 )
 def test_bad_config_raises_one_line_naming_the_key(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
@@ -55,6 +57,12 @@ def test_bad_config_raises_one_line_naming_the_key(tmp_path: Path, text: str, ov
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_ray_logs_only_errors_unless_asked(tmp_path: Path) -> None:
+    assert Config().runtime.ray_log_level == "error"
+    for level in ("debug", "info", "warning", "error"):
+        assert load_config(write(tmp_path, ""), [f"runtime.ray_log_level={level}"]).runtime.ray_log_level == level
 
 
 def test_cli_config_error_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -188,3 +188,64 @@ def test_reset_policy_restarts_a_spoilt_synthesizer_and_runs_on(ray_cluster, idx
     assert [s for s, _ in losses(run_dir)] == [s for s in range(1, 19) if s != 6]
     synth = load_latest(run_dir / "checkpoints")["stages"][1][0]["synthesizer"]
     assert all_finite(synth)
+
+
+def test_an_interrupted_driver_stops_at_a_common_boundary_with_a_checkpoint_and_resumes_exactly(
+        ray_cluster, idx_folder: str, tmp_path: Path) -> None:
+    # One target in flight and no level-2 rounds: the cut at the stop drains nothing, so the
+    # resumed run must equal the uninterrupted one (with more in flight it equals a run with a
+    # checkpoint at that step).
+    def config(log_dir: Path) -> Config:
+        return fault_config(idx_folder, log_dir, train={"epochs": 10}, checkpoint={"every": 0},
+                            sync={"true_every": 0}, runtime={"max_in_flight": 1})
+
+    cfg, ref_cfg = config(tmp_path / "runs"), config(tmp_path / "ref")
+    ref_dir = create_run_dir(ref_cfg)
+    ref_summary = Coordinator(ref_cfg, ref_dir).run()
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    driver = subprocess.Popen([sys.executable, "-m", "dni.cli", "train", str(config_file), "--no-progress"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((d / "metrics.jsonl").is_file() and (d / "metrics.jsonl").read_text().count("\n") >= 10
+                      for d in (tmp_path / "runs").glob("*")):
+            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read()[-2000:]
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGINT)  # the driver only, as `kill -INT`
+        _, err = driver.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # what Ray left behind of that session
+        except ProcessLookupError:
+            pass
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    assert driver.returncode == 130, err[-2000:]
+    assert err.rstrip().endswith(f"checkpoint written; resume with: dni train --resume {run_dir}"), err[-2000:]
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["checkpoint"] == stopped["step"] < 90
+    assert [int(p.stem.split("-")[1]) for p in list_checkpoints(run_dir / "checkpoints")] == [stopped["step"]]
+
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == stopped["step"]
+    assert losses(run_dir) == losses(ref_dir)  # steps 1..90 once each, the same values
+    assert summary["test_accuracy"] == ref_summary["test_accuracy"]
+
+
+def test_on_ray_an_impossible_placement_leaves_no_run_directory_and_a_later_failure_a_failed_summary(
+        ray_cluster, idx_folder: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def train(log_dir: Path, **sections: Any) -> int:
+        config_file = tmp_path / f"{log_dir.name}.yaml"
+        config_file.write_text(yaml.safe_dump(fault_config(idx_folder, log_dir, **sections).to_dict()))
+        return main(["train", str(config_file), "--no-progress"])
+
+    assert train(tmp_path / "unplaceable", runtime={"gpus_per_stage": 2}) == 1  # 3 workers x 2 GPUs; the cluster has 4
+    assert "dni: error: the pipeline needs 6 GPU" in capsys.readouterr().err
+    assert not (tmp_path / "unplaceable").exists()
+    assert train(tmp_path / "diverging", train={"lr": 1e30, "nonfinite": "stop"}) == 1
+    err = capsys.readouterr().err
+    (run_dir,) = list((tmp_path / "diverging").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite" in summary["error"] and "\n" not in summary["error"]
+    assert f"dni: run directory {run_dir}" in err and f"dni: error: {summary['error']}" in err

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,20 @@ def test_a_bad_config_or_one_outside_the_working_dir_fails_before_anything_is_se
     assert "train.epoch" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="must lie inside the working directory"):
         submit_argv(DEBUG, [], address="x", working_dir=str(tmp_path))
+
+
+def test_submit_where_no_cluster_listens_fails_in_one_line_saying_what_to_run(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{s.getsockname()[1]}"
+    started = time.monotonic()
+    assert main(["submit", DEBUG, "--address", address]) == 1
+    assert time.monotonic() - started < 5
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"dni: error: no Ray dashboard answers at {address}")
+    hints = ("ray start --head", "bash launch/local_cluster.sh up", "ray dashboard launch/cluster.yaml")
+    assert all(hint in line for hint in hints)
 
 
 def test_token_authentication_is_on_by_default_and_a_missing_token_is_explained(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from conftest import all_finite, losses, metric_rows, random_splits, tiny_config
 from dni.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, save_checkpoint
 from dni.config import Config
-from dni.run import create_run_dir
+from dni.run import Interrupted, create_run_dir
 from dni.trainer import Trainer
 
 
@@ -61,6 +61,28 @@ def test_resume_after_an_interruption_continues_exactly(tmp_path: Path) -> None:
     assert losses(interrupted.run_dir) == losses(full.run_dir)
 
 
+def test_a_stop_request_checkpoints_the_current_step_and_resuming_continues_exactly(tmp_path: Path) -> None:
+    cfg = tiny_config(log={"dir": str(tmp_path)}, train={"epochs": 3}, checkpoint={"every": 0})
+    full, full_summary = run(cfg, tmp_path)
+
+    def stop_at_step_7(step: int, total: int, latest: dict) -> None:
+        if step == 7:  # as the signal handler does: a flag, acted on once the step is done
+            interrupted.request_stop()
+
+    interrupted = Trainer(cfg, create_run_dir(cfg), splits=random_splits(), progress=stop_at_step_7)
+    with pytest.raises(Interrupted) as stop:
+        interrupted.fit()
+    assert (stop.value.step, stop.value.checkpoint, stop.value.saved) == (7, 7, True)
+    assert [p.name for p in list_checkpoints(interrupted.run_dir / "checkpoints")] == ["step-00000007.pt"]
+    resumed = Trainer(cfg, interrupted.run_dir, splits=random_splits())
+    resumed.resume()
+    summary = resumed.fit()
+    assert summary["status"] == "completed" and summary["test_accuracy"] == full_summary["test_accuracy"]
+    for x, y in zip(params(full), params(resumed)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert losses(interrupted.run_dir) == losses(full.run_dir)
+
+
 def test_run_directory_holds_config_summary_metrics_events_and_checkpoint(tmp_path: Path) -> None:
     t, summary = run(tiny_config(log={"dir": str(tmp_path)}), tmp_path)
     names = {p.name for p in t.run_dir.iterdir()}
@@ -88,10 +110,24 @@ def test_corrupted_checkpoint_gives_a_clear_error_and_the_previous_one_is_used(t
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a crash or a full disk
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         load_checkpoint(newest)
-    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step-00000002.pt: corrupted or truncated, "
+                                         "or not a checkpoint .*; trying step-00000001.pt instead"):
         state = load_latest(folder)
     assert state["step"] == 1
     torch.testing.assert_close(state["x"], torch.ones(3))
+
+
+def test_an_unreadable_checkpoint_is_one_short_line_in_dnis_words(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2):
+        path = save_checkpoint(folder, step, {"x": torch.ones(3)}, keep=5)
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError) as error:
+        load_latest(folder)
+    message = str(error.value)
+    assert "\n" not in message and "weights_only" not in message and len(message) < 600, message
+    assert message.count("step-00000002.pt: corrupted or truncated") == 1 and "step-00000001.pt" in message
+    assert message.count("PytorchStreamReader") == 2 and "start afresh with `dni train CONFIG`" in message
 
 
 def test_checkpoints_are_versioned_pruned_and_safe(tmp_path: Path) -> None:
@@ -106,8 +142,9 @@ def test_checkpoints_are_versioned_pruned_and_safe(tmp_path: Path) -> None:
         load_latest(folder)
     evil = folder / "step-00000010.pt"
     torch.save({"format_version": 1, "obj": Path("x")}, evil)  # an arbitrary object: refused by weights_only
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="objects other than tensors") as refused:
         load_checkpoint(evil)
+    assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
     with pytest.raises(CheckpointError, match="no checkpoints to resume from"):
         load_latest(tmp_path / "empty")
 

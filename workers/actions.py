@@ -11,7 +11,8 @@ Training actions, in order:
   RECEIVE_INPUT  from the stage below (stage 0 reads the batch itself)
   COMPUTE        :func:`dni.engine.train_step`; a locked stage exchanges with ``peer``
                  (sends h up, waits for dL/dh) inside it
-  SEND_TARGET    dL/dx to the stage below
+  SEND_TARGET    dL/dx to the stage below (a delayed stage sends it when its own target
+                 arrives, replaying the batch: see Role.delayed)
   SEND_TRUE      the last stage, on a true-round step: the same target, marked true
   SEND_ACTIVATION h to the stage above (unlocked stages; a locked one sent it in COMPUTE)
   AWAIT_TARGETS  take targets from above until fewer than ``runtime.max_in_flight`` are
@@ -19,7 +20,8 @@ Training actions, in order:
 
 Boundary actions after step g: AVERAGE_REPLICAS (level 3), EVALUATE (replica 0s),
 REPORT (a logging window), and at a checkpoint DRAIN (receive every outstanding target
-and true gradient: a consistent cut) then KEEP_STATE.
+and true gradient: a consistent cut) then KEEP_STATE; also at the boundary where an interrupted
+run stops (``stop``), which every worker is told in advance.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class Role:
     """The stage waits for dL/dh from above (backprop, or BP(lambda) > 0); see :func:`dni.engine.is_locked`."""
     rounds: bool
     """The pipeline has true-gradient rounds (it has synthesizers and more than one stage)."""
+    delayed: bool = False
+    """The delayed rule: the stage updates (and sends its target down) when a target arrives,
+    during AWAIT_TARGETS or DRAIN, not in its own step."""
 
 
 def train_actions(topology: Topology, schedule: Schedule, role: Role, step: int) -> list[Action]:
@@ -77,7 +82,7 @@ def train_actions(topology: Topology, schedule: Schedule, role: Role, step: int)
     above = topology.rank_for(i + 1, step) if not last else None
     actions = [Action(Op.RECEIVE_INPUT, below)] if below is not None else []
     actions.append(Action(Op.COMPUTE, above if role.locked else None))
-    if below is not None:
+    if below is not None and not role.delayed:
         actions.append(Action(Op.SEND_TARGET, below))
         if last and role.rounds and schedule.is_true_round(step):
             actions.append(Action(Op.SEND_TRUE, below))
@@ -86,8 +91,10 @@ def train_actions(topology: Topology, schedule: Schedule, role: Role, step: int)
     return actions
 
 
-def boundary_actions(topology: Topology, schedule: Schedule, role: Role, step: int) -> list[Action]:
-    """What the worker does after global ``step``, whichever replica trained it."""
+def boundary_actions(topology: Topology, schedule: Schedule, role: Role, step: int, *,
+                     stop: bool = False) -> list[Action]:
+    """What the worker does after global ``step``, whichever replica trained it; ``stop``: the run
+    stops here on request (an interrupt), so this boundary is a checkpoint too."""
     actions = []
     if schedule.syncs_replicas_after(step) and topology.replicas[role.stage] > 1:
         actions.append(Action(Op.AVERAGE_REPLICAS))
@@ -95,6 +102,6 @@ def boundary_actions(topology: Topology, schedule: Schedule, role: Role, step: i
         actions.append(Action(Op.EVALUATE))
     if schedule.reports_after(step):
         actions.append(Action(Op.REPORT))
-    if schedule.checkpoints_after(step):
+    if schedule.checkpoints_after(step) or stop:
         actions += [Action(Op.DRAIN), Action(Op.KEEP_STATE)]
     return actions

@@ -78,6 +78,16 @@ class StageActor:
         return self.runner.drain_metrics() if self.runner is not None else []
 
     @ray.method(enable_task_events=False)  # polled
+    def steps_done(self) -> int:
+        """Global steps this worker's loop has passed (the last stage's drives the progress bar)."""
+        return self.runner.steps_done() if self.runner is not None else 0
+
+    def request_stop(self, step: int) -> bool:
+        """End ``run`` at the boundary before ``step``, with its state kept (see
+        :meth:`StageRunner.request_stop`); False when this worker is already past it."""
+        return self._runner().request_stop(step)
+
+    @ray.method(enable_task_events=False)  # polled
     def saved_steps(self) -> list[int]:
         """The checkpoint boundaries whose states this worker keeps (cheap to ask)."""
         return sorted(self.runner.kept) if self.runner is not None else []

@@ -19,7 +19,10 @@ the same way (``dni train --resume``).
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -35,14 +38,21 @@ from dni.config import Config, RuntimeConfig
 from dni.imports import with_absolute_paths
 from dni.models import describe
 from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
-from dni.run import CHECKPOINTS, METRICS_FILE, RunError, write_summary
+from dni.run import CHECKPOINTS, METRICS_FILE, Interrupted, RunError, write_summary
 from dni.stage import NonFiniteError
 from workers.actor import StageActor
 from workers.plan import make_plan
 
 
+STOP_MARGIN = 4  # steps between the furthest worker and the boundary an interrupted run stops at
+
+
 class PlacementError(RunError):
     """The cluster cannot hold the pipeline as configured; the message says what is missing."""
+
+
+class ClusterError(RunError):
+    """No Ray cluster answers at the address given; the message says what to start."""
 
 
 class WorkerError(RunError):
@@ -64,20 +74,76 @@ def ensure_ray(runtime: RuntimeConfig, *, cpus_needed: float) -> bool:
     """
     if ray.is_initialized():
         return False
+    # Ray's driver logger also carries its start-up lines and the token notice (see README).
+    level = int(getattr(logging, runtime.ray_log_level.upper()))  # one of RAY_LOG_LEVELS
     address = runtime.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=level)
+        except ConnectionError as e:
+            raise ClusterError(f"no Ray cluster answers at {address} ({_first_line(e)}); {START_A_CLUSTER}") from None
+        _no_reset_at_exit()
         return True
+    cpus = os.cpu_count() or 1
+    warning = oversubscribed(round(cpus_needed / runtime.cpus_per_stage), runtime.cpus_per_stage, cpus)
+    if warning:
+        print(f"dni: warning: {warning}", file=sys.stderr, flush=True)
     # Logical CPUs may exceed physical ones: one bundle per stage must fit on a small machine.
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+        num_cpus=max(cpus, int(cpus_needed + 0.999)),
         num_gpus=torch.cuda.device_count(),
         include_dashboard=runtime.dashboard,
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
+        logging_level=level,
     )
+    _no_reset_at_exit()
     return True
+
+
+def oversubscribed(workers: int, cpus_per_stage: float, cpus: int) -> str | None:
+    """What to warn of when the stage workers ask a local instance for more CPUs than the machine
+    has (Ray is then given logical CPUs beyond the real ones); None when they fit."""
+    if workers * cpus_per_stage <= cpus:
+        return None
+    return (f"{workers} stage workers x {cpus_per_stage:g} CPU on a machine with {cpus} CPUs: they will share "
+            "cores (expect each stage to run slower)")
+
+
+START_A_CLUSTER = ("start one with `ray start --head` or `bash launch/local_cluster.sh up`; for a remote cluster, "
+                   "`dni submit` through `ray dashboard launch/cluster.yaml`; or drop --address/RAY_ADDRESS to "
+                   "start a local instance")
+
+
+def check_reachable(address: str, *, timeout_s: float = 3.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at a Ray address (``host:port``,
+    ``ray://host:port``; ``auto`` and other forms are left to Ray).
+
+    Raises:
+        ClusterError: the TCP connection is refused or times out.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()  # [::1]:6379 too
+    except OSError as e:
+        raise ClusterError(f"no Ray cluster answers at {address} ({e.strerror or e}); {START_A_CLUSTER}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+
+
+def _no_reset_at_exit() -> None:
+    """Ray imports its copy of colorama with ``init()``, which writes a colour reset (ESC [0m) to
+    a terminal at exit, after everything dni printed; take that exit hook back."""
+    initialise = sys.modules.get("colorama.initialise")
+    if initialise is not None:
+        atexit.unregister(initialise.reset_all)
 
 
 def gpus_per_stage(runtime: RuntimeConfig) -> float:
@@ -146,6 +212,11 @@ class Coordinator:
         self.restarts: list[dict[str, Any]] = []  # the failures survived
         self.failures = 0
         self._runs: list[Any] = []  # the workers' run() calls
+        self._shown = 0  # the step the progress display shows
+        self.setup_seconds = 0.0
+        self._stop_requested = False  # an interrupt asked the run to stop (see request_stop)
+        self.stop_step: int | None = None  # the boundary every worker agreed to stop at
+        self._stop_deadline = 0.0
         self.nodes: list[str] = []  # the Ray node of each worker, by rank
         self._failed: tuple[WorkerError, float] | None = None  # the failure being recovered from, and when
         self.resumed_from = self._load_checkpoint(required=True) if resume else None
@@ -153,12 +224,19 @@ class Coordinator:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Place the workers, connect their data plane, and restore them when resuming."""
+        started = time.perf_counter()
         rt, topo = self.cfg.runtime, self.plan.topology
         self.started_ray = ensure_ray(rt, cpus_needed=rt.cpus_per_stage * topo.world_size)
         self.pg = place(topo.world_size, rt)
         self._start_workers()
         for hops in self._get([a.measure_hops.remote() for a in self.actors], "measure hop latency"):
             self.hops.update(hops)
+        self.setup_seconds = time.perf_counter() - started
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop at a step boundary that every worker keeps as a checkpoint (safe
+        to call from a signal handler: it only sets a flag; the watch loop acts on it)."""
+        self._stop_requested = True
 
     def _start_workers(self) -> None:
         """One actor per placement bundle, connected into a new process group, restored from
@@ -212,22 +290,26 @@ class Coordinator:
         Raises:
             WorkerError: a worker failed once more than the budget allows, or with a fault that a
                 restart would meet again; the message names it and the last checkpoint.
+            Interrupted: :meth:`request_stop` was called; ``saved`` says whether the checkpoint of
+                the step where the workers stopped was written.
         """
         resumed = self.start_step or None
         self.logger = MetricsLogger([JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed),
                                      TensorBoardSink(self.run_dir, resume_step=resumed)])
         try:
-            started = time.perf_counter()
             if not self.actors:
                 self.start()
-            setup = time.perf_counter() - started
+            setup = self.setup_seconds
             t0 = time.perf_counter()
             totals = self._train()
             wall = time.perf_counter() - t0
             self._gather()
-            self._checkpoint(final=True)
+            self._checkpoint(final=self.stop_step is None)
+            if self.stop_step is not None:
+                raise Interrupted(self.stop_step, checkpoint=self.last_checkpoint,
+                                  saved=self.last_checkpoint == self.stop_step)
             summary = self._summary(totals, wall, setup)
-            self.logger.hparams(flatten(self.cfg.to_dict()), {"test_accuracy": summary["test_accuracy"]})
+            self.logger.hparams(flatten(self.cfg.to_dict()), summary)
         finally:
             self.logger.close()
             self.shutdown()
@@ -266,6 +348,9 @@ class Coordinator:
                 return self._watch(self._runs)
             except WorkerError as e:
                 budget = self.cfg.runtime.max_restarts
+                if self._stop_requested:  # no restart once asked to stop: keep the last checkpoint
+                    raise Interrupted(self.stop_step or self._shown, checkpoint=self.last_checkpoint,
+                                      saved=False) from None
                 if not e.restartable:
                     raise
                 if self.failures >= budget:
@@ -310,8 +395,47 @@ class Coordinator:
             for ref in done:
                 self._check_worker(futures.index(ref), ref)  # raises at once if that worker failed
             self._gather()
+            self._show_progress()
             self._checkpoint(final=False)
+            if self._stop_requested:
+                self._stop_at_a_boundary()
         return ray.get(futures)
+
+    def _stop_at_a_boundary(self) -> None:
+        """Act on :meth:`request_stop`: tell every worker to stop at the same boundary,
+        ``runtime.max_in_flight`` + STOP_MARGIN steps past the furthest worker (a fast stage runs at
+        most about that far ahead of the others before the request reaches them), keeping its
+        state there; then wait for them, at most ``runtime.timeout_s``.
+
+        Raises:
+            Interrupted: without a new checkpoint, when a worker was already past that boundary
+                or the workers did not reach it in time.
+        """
+        if self.stop_step is not None:
+            if time.monotonic() > self._stop_deadline:
+                raise Interrupted(self.stop_step, checkpoint=self.last_checkpoint, saved=False)
+            return
+        reached = max(self._get([a.steps_done.remote() for a in self.actors], "report their step"))
+        step = reached + self.cfg.runtime.max_in_flight + STOP_MARGIN
+        if step >= self.plan.schedule.total_steps:  # the end (a checkpoint) comes as soon
+            self._stop_requested = False
+            return
+        agreed = self._get([a.request_stop.remote(step) for a in self.actors], "agree on a step to stop at")
+        if not all(agreed):
+            raise Interrupted(reached, checkpoint=self.last_checkpoint, saved=False)
+        self.stop_step, self._stop_deadline = step, time.monotonic() + self.cfg.runtime.timeout_s
+
+    def _show_progress(self) -> None:
+        """Move the progress display to the last stage's step count, asked at every poll (its
+        replica 0: every replica's loop passes every global step)."""
+        if self.progress is None:
+            return
+        assert self.logger is not None
+        topo = self.plan.topology
+        step = self._get(self.actors[topo.rank(topo.num_stages - 1, 0)].steps_done.remote(), "report their step")
+        if step != self._shown:
+            self._shown = step
+            self.progress(step, self.plan.schedule.total_steps, self.logger.latest)
 
     def _check_worker(self, rank: int, ref: Any) -> None:
         try:
@@ -358,8 +482,6 @@ class Coordinator:
                 by_step.setdefault(step, {}).update(scalars)
         for step in sorted(by_step):
             self.logger.log(step, by_step[step])
-        if by_step and self.progress is not None:
-            self.progress(max(by_step), self.plan.schedule.total_steps, self.logger.latest)
 
     def _checkpoint(self, *, final: bool) -> None:
         """Write a checkpoint of the newest boundary whose state every worker still keeps."""
@@ -413,7 +535,7 @@ class Coordinator:
             name = f"stage_{stage}" + (f"_r{replica}" if topo.replicas[stage] > 1 else "")
             busy[name] = t["busy_seconds"] / t["wall_seconds"] if t["wall_seconds"] > 0 else 0.0
         return {
-            "name": cfg.name, "method": cfg.method, "backend": "ray",
+            "name": cfg.name, "method": cfg.method, "backend": "ray", "status": "completed",
             "model": describe(cfg.model), "stages": topo.num_stages,
             "replicas": list(topo.replicas), "dataset": cfg.data.name, "seed": cfg.seed,
             "epochs": sched.total_steps / sched.steps_per_epoch, "steps": sched.total_steps,

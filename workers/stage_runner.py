@@ -20,7 +20,9 @@ steps (level 3).
 At a checkpoint boundary each stage first receives every outstanding target and
 true gradient, so the states all stages keep there form a consistent cut: no
 message crosses it, and a pipeline restarted from it (:meth:`StageRunner.restore`)
-replays exactly what the uninterrupted run would have done.
+replays exactly what the uninterrupted run would have done. A stop request
+(:meth:`StageRunner.request_stop`: the coordinator's answer to an interrupt, the same step for
+every worker) makes one more boundary such a cut and ends the loop there.
 
 A NaN or inf found in a stage (``train.nonfinite``): ``stop`` raises
 :class:`~dni.stage.NonFiniteError`; ``skip`` and ``reset`` drop the batch with a
@@ -66,6 +68,7 @@ class Pending:
     step: int
     h: torch.Tensor
     labels: torch.Tensor
+    x: torch.Tensor | None = None  # the delayed rule: the input, replayed when the target arrives
 
 
 class Skipped(Exception):
@@ -149,7 +152,7 @@ class StageRunner:
         )
         self.bp_lambda = cfg.synthesizer.bp_lambda
         self.role = Role(stage_index, replica, locked=engine.is_locked(self.stage, self.bp_lambda),
-                         rounds=self.k > 1 and cfg.method != "backprop")
+                         rounds=self.k > 1 and cfg.method in ("dni", "cdni"), delayed=self.stage.delayed)
         # Labels travel with every downstream message: how many values, of what type and shape.
         self.labels_spec: dict[str, Any] = dict(labels=self.batch * data.labels_per_example,
                                                 label_dtype=data.label_dtype, label_shape=(self.batch, *data.label_shape))
@@ -161,6 +164,9 @@ class StageRunner:
         self.replica_group = None
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self._lock = threading.Lock()
+        self._steps_done = 0  # global steps this worker's loop has passed (read by another thread)
+        self.stop_at: int | None = None  # a stop request: end run() at the boundary before this step
+        self._decided = -1  # the newest step whose boundary actions are fixed (stop or not)
         self.window = Window()
         self.idle_total = 0.0
         self.eval_seconds = 0.0
@@ -211,9 +217,27 @@ class StageRunner:
         self.faults[step] = where
 
     # -- the loop: an executor of workers.actions ------------------------------------------
+    def request_stop(self, step: int) -> bool:
+        """Make the boundary after global step ``step - 1`` a checkpoint (DRAIN, KEEP_STATE) and end
+        :meth:`run` there (safe to call from another thread). Every worker must be given the same step.
+
+        Returns:
+            False when this worker has already passed that boundary (it will not stop there).
+        """
+        with self._lock:
+            if self._decided >= step - 1:
+                return False
+            self.stop_at = step
+            return True
+
     def run(self, start_step: int = 0) -> dict[str, float]:
-        """Run every global step from ``start_step`` (a checkpoint boundary, or 0) to the end; returns totals."""
+        """Run every global step from ``start_step`` (a checkpoint boundary, or 0) to the end, or to
+        the boundary a :meth:`request_stop` asked for; returns totals."""
         started = self.run_started = time.perf_counter()
+        with self._lock:
+            self._decided = start_step - 1
+        with self._lock:
+            self._steps_done = start_step
         for g in range(start_step, self.schedule.total_steps):
             actions = train_actions(self.topology, self.schedule, self.role, g)
             if actions:
@@ -221,8 +245,14 @@ class StageRunner:
                     self._train_step(g, actions)
                 except Skipped:
                     pass
-            for action in boundary_actions(self.topology, self.schedule, self.role, g):
+            with self._lock:  # fixed here: request_stop (another thread) can only move a later boundary
+                stop, self._decided = self.stop_at is not None and g + 1 >= self.stop_at, g
+            for action in boundary_actions(self.topology, self.schedule, self.role, g, stop=stop):
                 self._at_boundary(action, g)
+            with self._lock:
+                self._steps_done = g + 1
+            if stop:  # the state of step g + 1 is kept: a consistent cut to resume from
+                break
         self._drain()
         self.transport.flush()
         wall = time.perf_counter() - started
@@ -250,7 +280,7 @@ class StageRunner:
         elif op is Op.SEND_ACTIVATION:
             assert peer is not None and state.result is not None and state.labels is not None
             self.transport.send(peer, Tag.DOWN, Kind.TRAIN, g, state.result.h, labels=state.labels)
-            self.pending.append(Pending(g, state.result.h, state.labels))
+            self.pending.append(Pending(g, state.result.h, state.labels, state.x if self.role.delayed else None))
             self.window.in_flight_max = max(self.window.in_flight_max, len(self.pending))
             self.window.queued_max = max(self.window.queued_max, self.transport.queued)
         elif op is Op.AWAIT_TARGETS:
@@ -271,7 +301,10 @@ class StageRunner:
             if above is not None:
                 def from_above(h: torch.Tensor) -> torch.Tensor:
                     return self._exchange(g, above, h, y)
-            step = engine.train_step(self.stage, x, y, from_above=from_above, bp_lambda=self.bp_lambda)
+            if self.role.delayed:
+                step = engine.delayed_forward(self.stage, x)
+            else:
+                step = engine.train_step(self.stage, x, y, from_above=from_above, bp_lambda=self.bp_lambda)
         except NonFiniteError as e:
             self._on_fault(g, e)
         if tr is not None and not self.is_last:
@@ -360,8 +393,17 @@ class StageRunner:
         item = self.pending.popleft()
         if item.step != msg.step:
             raise RuntimeError(f"stage {self.i}: target for step {msg.step} arrived, expected {item.step}")
-        staleness = self.stage.steps_done - 1 - self._local_index(item.step)
+        if self.role.delayed:  # batches run forward since this one: the delay of its update
+            staleness = len(self.pending)
+        else:
+            staleness = self.stage.steps_done - 1 - self._local_index(item.step)
         self.window.staleness.append(staleness)
+        if self.role.delayed:  # the update itself, and the true (delayed) target for the stage below
+            assert msg.payload is not None and item.x is not None
+            target, _ = engine.delayed_update(self.stage, item.x, msg.payload)
+            if target is not None:
+                self.transport.send(self.topology.rank_for(self.i - 1, item.step), Tag.UP, Kind.TARGET, item.step, target)
+            return
         if staleness > self.cfg.runtime.max_staleness:
             self.window.dropped += 1
             return
@@ -516,6 +558,11 @@ class StageRunner:
         if scalars:
             with self._lock:
                 self.metrics.append((step, scalars))
+
+    def steps_done(self) -> int:
+        """Global steps this worker's loop has passed, boundaries included (safe to call from another thread)."""
+        with self._lock:
+            return self._steps_done
 
     def drain_metrics(self) -> list[tuple[int, dict[str, float]]]:
         """Metrics recorded since the last call (safe to call from another thread)."""
