@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,13 @@ class CheckpointError(RuntimeError):
         self.reason = reason
 
 
-def _why_unreadable(error: Exception) -> str:
+def _why_unreadable(error: Exception, *, archive: bool) -> str:
     """What is wrong with a file torch could not load, in a few words: never torch's whole text
-    (several lines, and advice to load with code execution on, which dni never does)."""
+    (several lines, and advice to load with code execution on, which dni never does).
+    ``archive``: the file is a zip archive, as torch.save writes (else it is damage, whatever
+    the unpickler said)."""
     text = str(error).strip()
-    if "weights only" in text.lower() or "weights_only" in text:
+    if archive and ("weights only" in text.lower() or "weights_only" in text):
         return "it holds objects other than tensors and plain values, which dni does not load"
     first = text.splitlines()[0] if text else ""
     first = first.split(". ")[0].rstrip(".")  # torch's first sentence says what failed
@@ -92,7 +95,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
-        reason = _why_unreadable(e)
+        reason = _why_unreadable(e, archive=zipfile.is_zipfile(path))
         raise CheckpointError(f"{path}: {reason}; delete it to resume from the previous checkpoint",
                               reason=reason) from None
     if not isinstance(state, dict) or "format_version" not in state:

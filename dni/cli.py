@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -182,6 +183,22 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
 
 
+def _check_not_completed(run_dir: Path) -> None:
+    """Refuse to resume a run that already ran its whole budget (its summary says so)."""
+    import json
+
+    from dni.run import SUMMARY_FILE
+
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return  # no summary (the driver died) or an unreadable one: the checkpoints decide
+    if summary.get("status") == "completed":
+        raise ConfigError(f"{run_dir}: nothing to resume, the run completed all {summary.get('steps')} steps "
+                          "(test accuracy {:.4f}); start a new run with `dni train CONFIG`".format(
+                              summary.get("test_accuracy", float("nan"))))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         from dni.run import read_run_config
@@ -190,6 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = read_run_config(run_dir)
         if args.config or args.overrides:
             raise ConfigError("--resume continues a run with its own config; give no CONFIG or overrides")
+        _check_not_completed(run_dir)
     else:
         if not args.config:
             raise ConfigError("give a CONFIG file (e.g. configs/debug.yaml) or --resume RUN_DIR")
@@ -412,8 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """dni's own warnings as one ``dni: warning: ...`` line; other libraries' as Python prints them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1]):
+        print(f"dni: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dni`` console script; returns the exit status."""
+    warnings.showwarning = _show_warning
     parser = build_parser()
     # Overrides may follow options (`dni compare C --methods x train.epochs=1`), which
     # argparse's positional matching does not allow; collect them by hand.

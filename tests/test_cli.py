@@ -208,3 +208,15 @@ def test_a_run_that_fails_later_keeps_its_directory_with_a_failed_summary(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith("non-finite"), summary
     assert f"dni: error: {summary['error']}" in err and "\n" not in summary["error"]
+
+
+def test_resuming_a_completed_run_says_there_is_nothing_to_resume(idx_folder: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", str(ROOT / "configs" / "debug.yaml"), "data.name=idx", f"data.path={idx_folder}", "data.val_size=64",
+            f"log.dir={tmp_path}", "--no-progress"]
+    assert main(args) == 0
+    run_dir = only_run(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing to resume, the run completed all 4 steps" in err[0], err
