@@ -114,3 +114,17 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 def all_finite(state: dict) -> bool:
     """Whether every floating-point tensor of a state dict is finite."""
     return all(bool(torch.isfinite(t).all()) for t in state.values() if torch.is_tensor(t) and t.is_floating_point())
+
+
+def train_locally(cfg: Config) -> tuple[Path, dict[str, Any]]:
+    """Run ``cfg`` with the single-process trainer in a new run directory, restoring torch's thread
+    count afterwards (configs may set ``threads``); returns (run directory, summary)."""
+    from dni.run import create_run_dir
+    from dni.trainer import Trainer
+
+    run_dir = create_run_dir(cfg)
+    threads = torch.get_num_threads()
+    try:
+        return run_dir, Trainer(cfg, run_dir).fit()
+    finally:
+        torch.set_num_threads(threads)

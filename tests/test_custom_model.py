@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import losses, runtime_config, tiny_config
+from conftest import losses, runtime_config, tiny_config, train_locally
 from dni import decouple
 from dni.build import build_pipeline
 from dni.cli import main
@@ -134,15 +134,6 @@ def test_a_custom_model_trains_from_yaml_on_the_local_backend(tmp_path: Path, id
     assert summary["test_accuracy"] > 0.7, summary
 
 
-def run_local(cfg, tmp_path: Path) -> tuple[Path, dict]:
-    run_dir = create_run_dir(cfg)
-    threads = torch.get_num_threads()
-    try:
-        return run_dir, Trainer(cfg, run_dir).fit()
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("extra", [
     {"synthesizer": {"bp_lambda": 0.5}},  # every stage locked, on both backends
     {"train": {"optimizer": "sgd", "momentum": 0.9, "nesterov": True}, "synthesizer": {"optimizer": "adamw"}},
@@ -155,7 +146,7 @@ def test_stage_processes_reproduce_the_reference_trainer_for_a_custom_model(idx_
                       train={"epochs": 1, "batch_size": 64, "lr": 1e-2, "schedule": "constant", **extra.get("train", {})},
                       synthesizer={"hidden_width": 32, "lr": 1e-3, **extra.get("synthesizer", {})})
     results = launch_processes(runtime_config(idx_folder, **sections), timeout_s=120)
-    _, local = run_local(runtime_config(idx_folder, backend="local", threads=1, **sections), tmp_path)
+    _, local = train_locally(runtime_config(idx_folder, backend="local", threads=1, **sections))
     got = [(s, m["train/loss"]) for s, m in results[-1]["metrics"] if "train/loss" in m]
     want = losses(next(p for p in tmp_path.iterdir() if p.is_dir()))
     assert len(got) == len(want) == 9
@@ -245,7 +236,7 @@ def test_own_data_and_model_with_mse_and_float_cdni_context_from_yaml(tmp_path: 
                     train={"epochs": 20, "batch_size": 32, "lr": 1e-2, "schedule": "constant"},
                     synthesizer={"lr": 1e-2}, log={"dir": str(tmp_path), "every": 16, "grad_every": 0})
     if backend == "local":
-        _, summary = run_local(tiny_config(**sections), tmp_path)
+        _, summary = train_locally(tiny_config(**sections))
         test_loss = summary["test_loss"]
         assert summary["test_accuracy"] != summary["test_accuracy"]  # NaN: float targets have no accuracy
     else:

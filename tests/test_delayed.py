@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import losses, runtime_config, tiny_config
+from conftest import losses, runtime_config, tiny_config, train_locally
 from dni.config import ConfigError
-from dni.run import create_run_dir
-from dni.trainer import Trainer
 from test_pipeline import batch, make, params, run_steps
 
 
@@ -68,13 +66,7 @@ def test_stage_processes_reproduce_the_local_delayed_run(idx_folder: str, tmp_pa
     sections = dict(method="delayed", model={"depth": 3}, log={"dir": str(tmp_path), "every": 1, "grad_every": 0},
                     runtime={"max_in_flight": in_flight}, checkpoint={"every": 7}, train={"epochs": 2})
     results = launch_processes(runtime_config(idx_folder, **sections), timeout_s=120)
-    cfg = runtime_config(idx_folder, backend="local", threads=1, **sections)
-    run_dir = create_run_dir(cfg)
-    threads = torch.get_num_threads()
-    try:
-        local = Trainer(cfg, run_dir).fit()
-    finally:
-        torch.set_num_threads(threads)
+    run_dir, local = train_locally(runtime_config(idx_folder, backend="local", threads=1, **sections))
     got = [(s, m["train/loss"]) for s, m in results[-1]["metrics"] if "train/loss" in m]
     want = losses(run_dir)
     assert len(got) == len(want) == 18

@@ -14,15 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 
-from conftest import losses, runtime_config  # noqa: E402
+from conftest import losses, runtime_config, train_locally  # noqa: E402
 from dni.checkpoint import load_latest  # noqa: E402
 from dni.cli import main  # noqa: E402
 from dni.run import create_run_dir  # noqa: E402
-from dni.trainer import Trainer  # noqa: E402
 from workers.coordinator import (  # noqa: E402
     ClusterError, Coordinator, PlacementError, WorkerError, check_reachable, oversubscribed)
 
@@ -68,13 +66,8 @@ def test_lock_step_runtime_reproduces_the_reference_trainer(cluster, idx_folder:
     ray_cfg = runtime_config(idx_folder, backend="ray", **sections)
     ray_dir = create_run_dir(ray_cfg)
     summary = Coordinator(ray_cfg, ray_dir).run()
-    local_cfg = runtime_config(idx_folder, backend="local", threads=1, **sections)  # as each worker: one thread, same sums
-    local_dir = create_run_dir(local_cfg)
-    threads = torch.get_num_threads()
-    try:
-        local = Trainer(local_cfg, local_dir).fit()
-    finally:
-        torch.set_num_threads(threads)
+    # As each worker: one thread, the same sums.
+    local_dir, local = train_locally(runtime_config(idx_folder, backend="local", threads=1, **sections))
     got, want = dict(losses(ray_dir)), dict(losses(local_dir))
     assert len(got) == len(want) == 18  # (640 - 64 held out) // 64 = 9 steps per epoch
     for step in want:
