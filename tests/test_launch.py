@@ -14,8 +14,9 @@ from ray.autoscaler._private.util import prepare_config, validate_config  # noqa
 CLUSTERS = sorted((Path(__file__).resolve().parents[1] / "launch").glob("*.yaml"))
 
 
-def test_there_are_cluster_files() -> None:
-    assert CLUSTERS
+def test_the_shipped_cluster_files_are_the_ones_validated_below() -> None:
+    # A new cluster YAML must be added here too, so that a missing or renamed one is noticed.
+    assert [p.name for p in CLUSTERS] == ["cluster.yaml"]
 
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=[p.name for p in CLUSTERS])
