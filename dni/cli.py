@@ -430,21 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
-    """dni's own warnings as one ``dni: warning: ...`` line; other libraries' as Python prints them."""
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """dni's own warnings as one ``dni: warning: ...`` line; other libraries' as Python formats them.
+    (Only the format: code that records warnings, e.g. tests, still sees them.)"""
     if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1]):
-        print(f"dni: warning: {message}", file=sys.stderr, flush=True)
-    else:
-        _python_show_warning(message, category, filename, lineno, file, line)
+        return f"dni: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
 
 
-_python_show_warning = warnings.showwarning
+_python_format_warning = warnings.formatwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dni`` console script; returns the exit status."""
-    warnings.showwarning = _show_warning
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     # Overrides may follow options (`dni compare C --methods x train.epochs=1`), which
     # argparse's positional matching does not allow; collect them by hand.

@@ -220,3 +220,22 @@ def test_resuming_a_completed_run_says_there_is_nothing_to_resume(idx_folder: st
     assert main(["train", "--resume", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing to resume, the run completed all 4 steps" in err[0], err
+
+
+def test_dnis_warnings_are_one_dni_warning_line(idx_folder: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    args = ["train", str(ROOT / "configs" / "debug.yaml"), "data.name=idx", f"data.path={idx_folder}", "data.val_size=64",
+            "checkpoint.every=2", f"log.dir={tmp_path}", "--no-progress"]
+    assert main(args) == 0
+    run_dir = only_run(tmp_path)
+    (run_dir / "summary.json").unlink()  # as if the driver had died
+    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    done = subprocess.run([sys.executable, "-m", "dni.cli", "train", "--resume", str(run_dir), "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "skipping unreadable checkpoint" in line]
+    assert len(warning) == 1 and warning[0].startswith("dni: warning: skipping unreadable checkpoint "), done.stderr
+    assert "UserWarning" not in done.stderr and "trainer.py" not in done.stderr
