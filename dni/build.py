@@ -33,6 +33,7 @@ def stage_options(cfg: Config, total_steps: int) -> StageOptions:
         synth_optimizer=spec(cfg.synthesizer.optimizer or t.optimizer, 0.0),
         synth_loss_weight=cfg.synthesizer.loss_weight,
         p_update=cfg.synthesizer.p_update,
+        gate=cfg.synthesizer.gate,
         schedule=t.schedule,
         total_steps=total_steps,
     )
@@ -51,7 +52,7 @@ def check_context(cfg: Config, data: DataSpec) -> None:
 
 def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...], data: DataSpec) -> Synthesizer | None:
     """The synthesizer of stage ``index``'s output; None for backprop. Seeded per stage."""
-    if cfg.method in ("backprop", "delayed"):
+    if cfg.method in ("backprop", "delayed", "nobprop"):
         return None
     check_context(cfg, data)
     with torch.random.fork_rng(devices=[]):
@@ -75,7 +76,7 @@ def decoupled_stage(cfg: Config, module: torch.nn.Module, index: int, *, data: D
     return DecoupledStage(
         index, module.to(device), synth.to(device) if synth is not None else None, is_last=is_last,
         options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss),
-        delayed=cfg.method == "delayed" and not is_last,
+        delayed=cfg.method == "delayed" and not is_last, frozen=cfg.method == "nobprop" and not is_last,
     )
 
 

@@ -18,7 +18,8 @@ import yaml
 
 from dni.optim import OPTIMIZERS
 
-METHODS = ("backprop", "dni", "cdni", "delayed")
+GATES = ("none", "fit")
+METHODS = ("backprop", "dni", "cdni", "delayed", "nobprop")
 MODEL_KINDS = ("fcn", "cnn", "custom")
 DATASETS = ("mnist", "cifar10", "idx", "custom")
 LOSSES = ("cross_entropy", "mse")
@@ -195,6 +196,10 @@ class SynthesizerConfig:
     Above 0 the pipeline is locked, on both backends."""
     p_update: float = 1.0
     """Probability that a stage applies its update at a step (paper's random-update experiment)."""
+    gate: str = "none"
+    """none: a stage steps at its full learning rate on its synthetic gradient (the paper);
+    fit: the step is scaled by the fraction of its targets the synthesizer explains (1 - its loss /
+    the loss of predicting zero, moving averages), so a stage waits while its synthesizer is uninformative."""
 
     def validate(self) -> None:
         _check(
@@ -209,6 +214,9 @@ class SynthesizerConfig:
         _check(self.loss_weight > 0, "synthesizer.loss_weight", f"must be > 0 (got {self.loss_weight})")
         _check(0.0 <= self.bp_lambda <= 1.0, "synthesizer.bp_lambda", f"must be in [0, 1] (got {self.bp_lambda})")
         _check(0.0 < self.p_update <= 1.0, "synthesizer.p_update", f"must be in (0, 1] (got {self.p_update})")
+        _one_of(self.gate, GATES, "synthesizer.gate")
+        _check(self.gate == "none" or self.bp_lambda == 0, "synthesizer.gate",
+               "scales the steps of update-unlocked stages, and synthesizer.bp_lambda > 0 locks them; use one of the two")
 
 
 @dataclass
@@ -357,7 +365,9 @@ class Config:
     method: str = "cdni"
     """backprop, dni (synthesizer sees the activation), cdni (activation and label), or delayed
     (no synthesizer: each stage applies the true gradient of a batch when it comes back,
-    runtime.max_in_flight - 1 steps later on both backends, replaying its forward on the kept input)."""
+    runtime.max_in_flight - 1 steps later on both backends, replaying its forward on the kept input),
+    or nobprop (the paper's No-Bprop baseline: only the last stage learns, the others stay at their
+    initialisation; backend local)."""
     backend: str = "local"
     """local: the single-process reference trainer; ray: one Ray actor per stage."""
     seed: int = 0
@@ -382,11 +392,16 @@ class Config:
         """Check every field; returns self. Raises ConfigError naming the first bad key."""
         _check(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/' (got {self.name!r})")
         _one_of(self.method, METHODS, "method")
+        _check(self.synthesizer.gate == "none" or self.method in ("dni", "cdni"), "synthesizer.gate",
+               f"scales steps taken on synthetic gradients: it needs method dni or cdni (got {self.method})")
         _check(self.synthesizer.bp_lambda == 0 or self.method in ("dni", "cdni"), "synthesizer.bp_lambda",
                f"mixes true and synthetic gradients: it needs method dni or cdni (got {self.method})")
         _check(self.method != "delayed" or self.train.nonfinite == "stop", "train.nonfinite",
                "skip and reset are not available with method=delayed yet; use stop")
         _one_of(self.backend, BACKENDS, "backend")
+        _check(self.method != "nobprop" or self.backend == "local", "method",
+               "nobprop is the paper's No-Bprop baseline (only the last stage learns) and runs on backend: local; "
+               "set backend=local")
         _one_of(self.device, DEVICES, "device")
         _check(self.threads >= 0, "threads", f"must be >= 0 (got {self.threads})")
         for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync,

@@ -56,14 +56,22 @@ class StageStep:
 
 def is_locked(stage: DecoupledStage, bp_lambda: float) -> bool:
     """Whether ``stage`` waits for the gradient from above before it updates: a stage (not the
-    last, not delayed) without a synthesizer (backprop), or any stage under BP(lambda > 0)."""
-    return not stage.is_last and not stage.delayed and (stage.synthesizer is None or bp_lambda > 0)
+    last, not delayed, not frozen) without a synthesizer (backprop), or any stage under BP(lambda > 0)."""
+    return (not stage.is_last and not stage.delayed and not stage.frozen
+            and (stage.synthesizer is None or bp_lambda > 0))
 
 
 def delayed_forward(stage: DecoupledStage, x: torch.Tensor) -> StageStep:
     """The delayed rule's step on a new batch: the output only; the update comes with the batch's
     gradient (:func:`delayed_update`). The caller keeps ``x`` (and the labels) until then."""
     return StageStep(stage.forward_only(x), None, None)
+
+
+def frozen_step(stage: DecoupledStage, x: torch.Tensor) -> StageStep:
+    """A frozen stage's step (No-Bprop): the output, and nothing learned; the schedule advances."""
+    h = stage.forward_only(x)
+    stage.steps_done += 1
+    return StageStep(h, None, None)
 
 
 def delayed_update(stage: DecoupledStage, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor | None, bool]:

@@ -6,6 +6,9 @@ Tags follow the glossary, ``<group>/<metric>[/stage_<i>]``:
   sg/log10_loss/stage_i  log10 of sg/loss/stage_i, added by :class:`MetricsLogger` for every
                        positive sg/loss: the loss is a mean over gradient entries, often near 1e-4,
                        which TensorBoard's tables print as ``0.0001`` or ``0``; ``-4.02`` reads well,
+  sg/fit/stage_i       the fraction of its targets that synthesizer explains, 1 - its loss / the loss
+                       of predicting zero, moving averages (:mod:`dni.fit`; synthesizer.gate: fit
+                       scales the stage's step by it),
   sg/cosine/stage_i    cosine similarity of synthetic and true gradient there,
   sg/rel_error/stage_i ||g^ - g|| / ||g|| there.
 

@@ -15,6 +15,8 @@ distributed worker makes. Stage by stage:
   ``runtime.max_in_flight = delay + 1`` batches in flight. ``delay = 0`` is backprop.
   :meth:`Pipeline.flush` applies the updates still owed (at checkpoints, as the runtime's
   workers drain there).
+* a **frozen** stage (``method: nobprop``, the paper's No-Bprop baseline) runs forward only
+  and never learns; only the last stage trains, on the true loss.
 
 True-gradient rounds (``true_round``, see :mod:`dni.true_round`) measure each
 synthesizer against the true gradient of the same batch and, on training rounds, train
@@ -113,9 +115,12 @@ class Pipeline:
                   true_round: str | None) -> list[StageStep]:
         """Stage ``i`` and every stage above it on this batch; returns their steps, in order."""
         stage = self.stages[i]
-        above: list[StageStep] = []
         if stage.delayed:
             return self._run_delayed(i, x, y, result, rounds, true_round)
+        if stage.frozen:
+            step = engine.frozen_step(stage, x)
+            return [step, *self._run_from(i + 1, step.h, y, result, rounds, true_round)]
+        above: list[StageStep] = []
 
         def from_above(h: torch.Tensor) -> torch.Tensor:  # a locked stage: the chain above runs first
             above.extend(self._run_from(i + 1, h, y, result, rounds, true_round))

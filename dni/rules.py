@@ -101,6 +101,12 @@ def synthesizer_loss(
     return weight * F.mse_loss(prediction, target.detach() * h.shape[0])
 
 
+def zero_prediction_loss(h: torch.Tensor, target: torch.Tensor, *, weight: float = 1.0) -> float:
+    """What :func:`synthesizer_loss` would be for a synthesizer that predicts zero: the
+    target's mean square, in the same per-example units."""
+    return weight * (target.detach() * h.shape[0]).pow(2).mean().item()
+
+
 def bp_lambda_mix(true_grad: torch.Tensor, synthetic: torch.Tensor, lam: float) -> torch.Tensor:
     """BP(lambda): ``lam * true + (1 - lam) * synthetic``; 1 is backprop, 0 pure DNI."""
     if not 0.0 <= lam <= 1.0:

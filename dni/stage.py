@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dni import rules
+from dni.fit import SynthesizerFit
 from dni.losses import LossFn, cross_entropy
 from dni.optim import OptimizerSpec
 from dni.run import RunError
@@ -58,6 +59,9 @@ class StageOptions:
     """The synthesizer's optimiser."""
     synth_loss_weight: float = 1.0
     p_update: float = 1.0
+    gate: str = "none"
+    """``fit``: scale the stage's step by the fraction of its targets the synthesizer explains
+    (:mod:`dni.fit`); ``none``: the paper's full step."""
     schedule: str = "constant"
     total_steps: int = 1
 
@@ -98,6 +102,9 @@ class DecoupledStage:
         delayed: the delayed true-gradient rule (``method: delayed``): the stage sends its output
             on at once but updates only when dL/dh of that batch comes back, replaying its
             forward on the kept input with its current weights (features replay).
+        frozen: the paper's No-Bprop baseline (``method: nobprop``): the stage never learns; its
+            parameters stay at their initialisation (BatchNorm statistics still move) and no
+            gradient is computed for it.
     """
 
     def __init__(
@@ -111,12 +118,15 @@ class DecoupledStage:
         seed: int,
         loss_fn: LossFn = cross_entropy,
         delayed: bool = False,
+        frozen: bool = False,
     ) -> None:
         if is_last and synthesizer is not None:
             raise ValueError("the last stage computes the true loss and takes no synthesizer")
         if delayed and (is_last or synthesizer is not None):
             raise ValueError("the delayed rule is for stages below the last, without a synthesizer")
-        self.delayed = delayed
+        if frozen and (is_last or synthesizer is not None or delayed):
+            raise ValueError("a frozen stage is below the last, without a synthesizer, and not delayed")
+        self.delayed, self.frozen = delayed, frozen
         self.index = index
         self.module = module
         self.synthesizer = synthesizer
@@ -127,6 +137,7 @@ class DecoupledStage:
         self.synth_optimizer = None
         if synthesizer is not None:
             self.synth_optimizer = options.synth_optimizer.build(list(synthesizer.parameters()), options.synth_lr)
+        self.fit = SynthesizerFit()  # how well the synthesizer predicts its targets
         self.steps_done = 0  # steps taken (updated or skipped): drives the schedule
         self.update_generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
         self._input: torch.Tensor | None = None
@@ -147,8 +158,8 @@ class DecoupledStage:
         return _finite(self._output, self, "activation").detach()
 
     def forward_only(self, x: torch.Tensor) -> torch.Tensor:
-        """The delayed rule's forward: the output now, without keeping a graph (the update
-        replays the forward, :meth:`replay_backward`). BatchNorm statistics move as usual."""
+        """The output now, without keeping a graph: the delayed rule's forward (the update replays
+        it, :meth:`replay_backward`) and a frozen stage's. BatchNorm statistics move as usual."""
         with torch.no_grad():
             h = self.module(x)
         return _finite(h, self, "activation")
@@ -228,7 +239,7 @@ class DecoupledStage:
         """
         update = rules.should_update(self.update_generator, self.options.p_update)
         if update:
-            _set_lr(self.optimizer, self.lr)
+            _set_lr(self.optimizer, self.lr * self.gate)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
@@ -242,17 +253,25 @@ class DecoupledStage:
 
     @property
     def lr(self) -> float:
-        """The stage's learning rate at the current step."""
+        """The stage's learning rate at the current step (before the gate)."""
         return self.options.lr * self.lr_scale
+
+    @property
+    def gate(self) -> float:
+        """The factor of this stage's step: its synthesizer's explained fraction under
+        ``gate: fit`` (a stage with a synthesizer), else 1."""
+        if self.options.gate == "fit" and self.synthesizer is not None:
+            return self.fit.explained
+        return 1.0
 
     # -- synthesizer -----------------------------------------------------------------
     def train_synthesizer(self, h: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> float:
         """One regression step of this stage's synthesizer on (h, target); returns the loss."""
         if self.synthesizer is None or self.synth_optimizer is None:
             raise RuntimeError(f"stage {self.index} has no synthesizer")
-        loss = rules.synthesizer_loss(
-            self.synthesizer, h, self.context(labels), target, weight=self.options.synth_loss_weight
-        )
+        weight = self.options.synth_loss_weight
+        loss = rules.synthesizer_loss(self.synthesizer, h, self.context(labels), target, weight=weight)
+        self.fit.add(loss.item(), rules.zero_prediction_loss(h, target, weight=weight))
         self.synth_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _set_lr(self.synth_optimizer, self.options.synth_lr * self.lr_scale)
@@ -276,6 +295,7 @@ class DecoupledStage:
         if self.synthesizer is not None:
             state["synthesizer"] = self.synthesizer.state_dict()
             state["synth_optimizer"] = self.synth_optimizer.state_dict()  # type: ignore[union-attr]
+            state["fit"] = self.fit.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -289,3 +309,5 @@ class DecoupledStage:
                 raise KeyError("synthesizer")
             self.synthesizer.load_state_dict(state["synthesizer"])
             self.synth_optimizer.load_state_dict(state["synth_optimizer"])  # type: ignore[union-attr]
+            if "fit" in state:  # checkpoints before dni.fit start the averages afresh
+                self.fit.load_state_dict(state["fit"])

@@ -203,6 +203,7 @@ class Trainer:
         scalars["train/lr"] = self.pipeline.stages[0].lr
         for i, v in result.synth_losses.items():
             scalars[f"sg/loss/stage_{i}"] = v
+            scalars[f"sg/fit/stage_{i}"] = self.pipeline.stages[i].fit.explained
         scalars.update(result.scalars)
         return scalars
 

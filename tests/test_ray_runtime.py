@@ -59,10 +59,11 @@ def test_infeasible_placement_fails_fast_with_a_clear_message(cluster, idx_folde
 RESMLP = {"kind": "custom", "factory": f"{Path(__file__).resolve().parents[1] / 'configs' / 'models' / 'resmlp.py'}:small"}
 
 
-@pytest.mark.parametrize("model", [{}, RESMLP], ids=["fcn", "custom-resmlp"])
+@pytest.mark.parametrize("extra", [{}, {"model": RESMLP}, {"synthesizer": {"gate": "fit"}}],
+                         ids=["fcn", "custom-resmlp", "fcn-gate-fit"])
 def test_lock_step_runtime_reproduces_the_reference_trainer(cluster, idx_folder: str, tmp_path: Path,
-                                                            model: dict) -> None:
-    sections = dict(log={"dir": str(tmp_path), "every": 1}, runtime={"max_in_flight": 1}, **({"model": model} if model else {}))
+                                                            extra: dict) -> None:
+    sections = dict(log={"dir": str(tmp_path), "every": 1}, runtime={"max_in_flight": 1}, **extra)
     ray_cfg = runtime_config(idx_folder, backend="ray", **sections)
     ray_dir = create_run_dir(ray_cfg)
     summary = Coordinator(ray_cfg, ray_dir).run()

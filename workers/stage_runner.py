@@ -549,6 +549,7 @@ class StageRunner:
             scalars[f"stage/dropped_targets/{tag}"] = float(w.dropped)
         if w.synth_losses:
             scalars[f"sg/loss/{tag}"] = sum(w.synth_losses) / len(w.synth_losses)
+            scalars[f"sg/fit/{tag}"] = self.stage.fit.explained
         if self.is_last:
             scalars["train/samples_per_second"] = w.steps * self.batch * self.topology.replicas[self.i] / elapsed
         self._record(g + 1, scalars)
