@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import sys
@@ -218,14 +219,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_contestants(spec: str) -> list[tuple[str, str, list[str]]]:
+    """``--methods``: comma-separated entries ``METHOD`` or ``METHOD:key=value[:key=value...]``, the
+    second a method with overrides of its own (e.g. ``dni:synthesizer.gate=fit``).
+
+    Returns:
+        (label, method, overrides) per entry; the label is the entry as written.
+
+    Raises:
+        ConfigError: an unknown method, an override without ``=``, or one label twice.
+    """
+    contestants: list[tuple[str, str, list[str]]] = []
+    for label in (e.strip() for e in spec.split(",")):
+        if not label:
+            continue
+        method, *own = label.split(":")
+        if method not in METHODS:
+            raise ConfigError(f"--methods: unknown method {method!r} in {label!r}; choose from {', '.join(METHODS)}")
+        bad = [o for o in own if "=" not in o]
+        if bad:
+            raise ConfigError(f"--methods: {bad[0]!r} in {label!r} is not key=value (e.g. dni:synthesizer.gate=fit)")
+        if label in [c[0] for c in contestants]:
+            raise ConfigError(f"--methods: {label!r} is given twice")
+        contestants.append((label, method, own))
+    if not contestants:
+        raise ConfigError("--methods: no method given, e.g. --methods backprop,cdni")
+    return contestants
+
+
+def _slug(label: str) -> str:
+    """A contestant's label as part of a run name: ``dni:synthesizer.gate=fit`` -> ``dni-synthesizer.gate-fit``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from dni.compare import write_comparison
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-    configs = {m: load_config(args.config, [*args.overrides, f"method={m}", f"name={Path(args.config).stem}-{m}"]) for m in methods}
+    stem = Path(args.config).stem
+    configs = {label: load_config(args.config, [*args.overrides, f"method={method}", *own, f"name={stem}-{_slug(label)}"])
+               for label, method, own in parse_contestants(args.methods)}
     results = {}
     for m, cfg in configs.items():
         run_dir, summary = run_training(cfg, progress=not args.no_progress)
@@ -370,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("config", help="YAML config")
     compare.add_argument("overrides", nargs="*", help="section.key=value overrides, applied to every method")
-    compare.add_argument("--methods", default="backprop,dni,cdni", help="comma-separated (default: %(default)s)")
+    compare.add_argument("--methods", default="backprop,dni,cdni",
+                         help="comma-separated methods, each optionally with its own overrides as "
+                              "METHOD:key=value[:key=value], e.g. nobprop,dni,dni:synthesizer.gate=fit "
+                              "(default: %(default)s)")
     compare.add_argument("--out", help="output folder (default: <log.dir>/compare-<config>-<time>)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     compare.set_defaults(func=cmd_compare)

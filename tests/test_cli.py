@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dni.cli import main
@@ -44,6 +45,33 @@ def test_dni_train_debug_config_end_to_end(mnist: Path, tmp_path: Path, capsys: 
     cosines = [e.value for e in events.Scalars("sg/cosine/stage_1")]
     # cDNI's linear synthesizer learns the direction within the epoch (measured: 0.65, 0.76, 0.81).
     assert len(cosines) == 78 // 20 and cosines[-1] > 0.5, cosines
+
+
+def test_compare_contestants_may_carry_overrides_of_their_own(mnist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    code = main(["compare", str(ROOT / "configs" / "debug.yaml"), "--methods", "nobprop,dni:synthesizer.gate=fit:seed=3",
+                 "--out", str(out), f"log.dir={tmp_path / 'runs'}", f"data.path={mnist}", "train.max_steps=5",
+                 "--no-progress"])
+    assert code == 0
+    summaries = json.loads((out / "comparison.json").read_text())
+    assert list(summaries) == ["nobprop", "dni:synthesizer.gate=fit:seed=3"]
+    (gated,) = (tmp_path / "runs").glob("debug-dni-synthesizer.gate-fit-seed-3-*")
+    resolved = yaml.safe_load((gated / "config.yaml").read_text())
+    assert resolved["synthesizer"]["gate"] == "fit" and resolved["seed"] == 3 and resolved["method"] == "dni"
+    assert "| dni:synthesizer.gate=fit:seed=3 |" in (out / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("backprop,bogus", "--methods: unknown method 'bogus' in 'bogus'"),
+    ("dni:gate", "--methods: 'gate' in 'dni:gate' is not key=value"),
+    ("cdni,cdni", "--methods: 'cdni' is given twice"),
+    (",", "--methods: no method given"),
+])
+def test_compare_rejects_bad_contestants_before_training(methods: str, message: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["compare", str(ROOT / "configs" / "debug.yaml"), "--methods", methods, f"log.dir={tmp_path}"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
 def test_dni_compare_writes_table_and_plot(mnist: Path, tmp_path: Path) -> None:
