@@ -23,7 +23,8 @@ DECAY = 0.99
 class SynthesizerFit:
     """Moving averages of a synthesizer's regression loss and of the zero predictor's.
 
-    The averages are bias-corrected (as Adam's moments are), so the first targets count in full.
+    Both start at zero, as Adam's moments do; they need no bias correction here, because the
+    corrections of the two would be equal and cancel in their ratio, so the first targets count in full.
     """
 
     def __init__(self, decay: float = DECAY) -> None:

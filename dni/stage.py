@@ -271,12 +271,13 @@ class DecoupledStage:
             raise RuntimeError(f"stage {self.index} has no synthesizer")
         weight = self.options.synth_loss_weight
         loss = rules.synthesizer_loss(self.synthesizer, h, self.context(labels), target, weight=weight)
-        self.fit.add(loss.item(), rules.zero_prediction_loss(h, target, weight=weight))
+        value = loss.item()  # read once: each read waits for the device
+        self.fit.add(value, rules.zero_prediction_loss(h, target, weight=weight))
         self.synth_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _set_lr(self.synth_optimizer, self.options.synth_lr * self.lr_scale)
         self.synth_optimizer.step()
-        return loss.item()
+        return value
 
     # -- state ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> None:

@@ -9,20 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dni.build import build_pipeline
+from test_pipeline import batch, make
 from dni.config import ConfigError
-from dni.data.spec import DataSpec
 from dni.fit import SynthesizerFit
-from dni.pipeline import Pipeline
-
-
-def make(cfg, device: torch.device) -> Pipeline:
-    return build_pipeline(cfg, DataSpec((1, 4, 4), 3), total_steps=100, device=device)
-
-
-def batch(device: torch.device, seed: int, n: int = 16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 4, 4, generator=g).to(device), torch.randint(0, 3, (n,), generator=g).to(device)
 
 
 def test_fit_is_zero_for_the_zero_predictor_one_for_a_perfect_one_and_the_explained_fraction_between() -> None:

@@ -8,19 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dni.build import build_pipeline
+from test_pipeline import batch, make
 from dni.config import ConfigError
-from dni.data.spec import DataSpec
-from dni.pipeline import Pipeline
-
-
-def make(cfg, device: torch.device) -> Pipeline:
-    return build_pipeline(cfg, DataSpec((1, 4, 4), 3), total_steps=100, device=device)
-
-
-def batch(device: torch.device, seed: int, n: int = 16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 4, 4, generator=g).to(device), torch.randint(0, 3, (n,), generator=g).to(device)
 
 
 def test_nobprop_trains_only_the_last_stage_exactly_as_a_classifier_on_frozen_features(device: torch.device) -> None:
