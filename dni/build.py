@@ -62,6 +62,8 @@ def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...]
             hidden_layers=cfg.synthesizer_hidden_layers,
             hidden_width=cfg.synthesizer.hidden_width,
             batch_norm=cfg.synthesizer.batch_norm,
+            normalize=cfg.synthesizer.normalize,
+            kind=cfg.synthesizer.kind,
             num_classes=data.num_classes,
             conditioned=cfg.method == "cdni",
             context_size=data.context_size,

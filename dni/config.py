@@ -17,6 +17,7 @@ from typing import Any, Union
 import yaml
 
 from dni.optim import OPTIMIZERS
+from dni.synthesizer import SYNTHESIZER_KINDS
 
 GATES = ("none", "fit")
 METHODS = ("backprop", "dni", "cdni", "delayed", "nobprop")
@@ -184,6 +185,12 @@ class SynthesizerConfig:
     """Units (FCN) or filters (CNN) per hidden layer."""
     batch_norm: bool = False
     """BatchNorm after each hidden layer."""
+    kind: str = "auto"
+    """auto: a convolutional synthesizer for (C, H, W) activations, a per-position one for sequences,
+    an MLP otherwise; mlp: an MLP on the flattened activation of any shape (it sees all of h)."""
+    normalize: bool = False
+    """Predict in units of the targets' running RMS, so the synthesizer's own outputs are O(1)
+    however small the gradients per element (large activations, late training); false: the paper."""
     lr: float = 1e-3
     """Learning rate of the synthesizers (their own: targets are per-example gradients)."""
     optimizer: str | None = None
@@ -215,6 +222,7 @@ class SynthesizerConfig:
         _check(0.0 <= self.bp_lambda <= 1.0, "synthesizer.bp_lambda", f"must be in [0, 1] (got {self.bp_lambda})")
         _check(0.0 < self.p_update <= 1.0, "synthesizer.p_update", f"must be in (0, 1] (got {self.p_update})")
         _one_of(self.gate, GATES, "synthesizer.gate")
+        _one_of(self.kind, SYNTHESIZER_KINDS, "synthesizer.kind")
         _check(self.gate == "none" or self.bp_lambda == 0, "synthesizer.gate",
                "scales the steps of update-unlocked stages, and synthesizer.bp_lambda > 0 locks them; use one of the two")
 

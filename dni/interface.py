@@ -122,6 +122,8 @@ class BackwardInterface(nn.Module):
         hidden_width: int = 1024,
         batch_norm: bool = False,
         context_size: int | None = None,
+        normalize: bool = False,
+        kind: str = "auto",
         lr: float = 1e-4,
         optimizer: OptimizerSpec = OptimizerSpec(),
         loss_weight: float = 1.0,
@@ -131,7 +133,7 @@ class BackwardInterface(nn.Module):
 
         Args:
             activation_shape: the per-example shape of h, without the batch dimension.
-            num_classes, conditioned, hidden_width, batch_norm, context_size: as for
+            num_classes, conditioned, hidden_width, batch_norm, context_size, normalize, kind: as for
                 :func:`~dni.synthesizer.make_synthesizer`; conditioned is cDNI, with
                 the labels (or float targets) passed as ``context``.
             hidden_layers: None for the paper's choice: 0 (linear) for cDNI, else 2.
@@ -142,7 +144,7 @@ class BackwardInterface(nn.Module):
         synthesizer = make_synthesizer(tuple(activation_shape), hidden_layers=hidden_layers,
                                        hidden_width=hidden_width, batch_norm=batch_norm,
                                        num_classes=num_classes, conditioned=conditioned,
-                                       context_size=context_size)
+                                       context_size=context_size, normalize=normalize, kind=kind)
         return cls(synthesizer, lr=lr, optimizer=optimizer, loss_weight=loss_weight,
                    measure_agreement=measure_agreement)
 

@@ -92,13 +92,16 @@ def synthesizer_loss(
 
     Args:
         h: the activation the prediction is for (detached; kept until the target arrived).
-        target: dL/dh for the batch-mean loss; scaled here by B to per-example units.
+        target: dL/dh for the batch-mean loss; scaled here by B to per-example units, and
+            folded first into a normalised synthesizer's unit (:meth:`Synthesizer.observe_target`).
 
     Returns:
         A scalar with a graph into the synthesizer's parameters only.
     """
+    per_example = target.detach() * h.shape[0]
+    synthesizer.observe_target(per_example)  # a normalised synthesizer's unit follows its targets
     prediction = synthesizer(h.detach(), context)
-    return weight * F.mse_loss(prediction, target.detach() * h.shape[0])
+    return weight * F.mse_loss(prediction, per_example)
 
 
 def zero_prediction_loss(h: torch.Tensor, target: torch.Tensor, *, weight: float = 1.0) -> float:

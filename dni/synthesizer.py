@@ -14,6 +14,14 @@ targets O(1) and make a synthesizer independent of the batch size. The rules in
 
 Every synthesizer's final layer is zero-initialised, weights AND biases (paper,
 appendix): its first predictions are exactly zero, so the first updates are no-ops.
+
+Normalised targets (``normalize_targets``): per-example gradients are still small per
+element where an activation is large (a CNN's feature maps: about 1e-2 at 32x7x7), and
+an optimiser steps the synthesizer's weights by about lr each, whatever the size of the
+target: the prediction's noise from those steps then exceeds the target it learns. A
+normalised synthesizer predicts in units of the targets' running RMS (a buffer, updated
+from each target before the regression), so its own outputs stay O(1) at every layer
+and at every point of training, as the gradients shrink.
 """
 
 from __future__ import annotations
@@ -36,6 +44,32 @@ class Synthesizer(nn.Module):
 
     num_classes: int
     conditioned: bool
+    target_rms: torch.Tensor | None
+    """The running RMS of the per-example targets, the unit of the predictions; None: not normalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("target_rms", None)  # a None buffer is left out of the state_dict
+
+    def normalize_targets(self) -> "Synthesizer":
+        """Predict in units of the targets' running RMS (module docstring); returns self."""
+        self.target_rms = torch.zeros(())
+        return self
+
+    @torch.no_grad()
+    def observe_target(self, target: torch.Tensor, *, decay: float = 0.99) -> None:
+        """Fold one batch of per-example targets into the running RMS (the first sets it).
+
+        A no-op for a synthesizer that is not normalised."""
+        if self.target_rms is None:
+            return
+        power = target.detach().pow(2).mean().to(self.target_rms)
+        average = decay * self.target_rms.pow(2) + (1.0 - decay) * power
+        # where, not an if: reading the buffer on the host would wait for the device
+        self.target_rms.copy_(torch.where(self.target_rms == 0, power, average).sqrt())
+
+    def _in_units(self, prediction: torch.Tensor) -> torch.Tensor:
+        return prediction if self.target_rms is None else prediction * self.target_rms
 
     def _context(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
         if not self.conditioned:
@@ -59,13 +93,18 @@ def _zero_(layer: nn.Module) -> None:
 
 
 def reinitialise(synthesizer: Synthesizer) -> None:
-    """Draw the hidden layers afresh (from torch's global RNG) and zero the final layer: the
-    synthesizer predicts exactly zero again, e.g. after a numerical fault spoilt its weights."""
+    """Draw the hidden layers afresh (from torch's global RNG) and zero the final layer (and
+    the unit of a normalised one): the synthesizer predicts exactly zero again, e.g. after a
+    numerical fault spoilt its weights."""
     with torch.no_grad():
         for m in synthesizer.modules():
             if m is not synthesizer and hasattr(m, "reset_parameters"):
                 m.reset_parameters()  # type: ignore[operator]  # torch types nn.Module's attributes Tensor | Module
         _zero_(cast(nn.Module, synthesizer.out))
+        if isinstance(synthesizer, ConvSynthesizer) and synthesizer.context_map is not None:
+            _zero_(synthesizer.context_map)
+        if synthesizer.target_rms is not None:
+            synthesizer.target_rms.zero_()  # the next target sets the unit afresh
 
 
 class MLPSynthesizer(Synthesizer):
@@ -125,7 +164,7 @@ class MLPSynthesizer(Synthesizer):
         c = self._context(h, context)
         if c is not None:
             x = torch.cat([x, c.flatten(1)], dim=1)  # (B, D + context features)
-        return self.out(self.hidden(x)).view_as(h)
+        return self._in_units(self.out(self.hidden(x)).view_as(h))
 
 
 class ConvSynthesizer(Synthesizer):
@@ -133,7 +172,12 @@ class ConvSynthesizer(Synthesizer):
 
     The paper's CNN synthesizer: ``hidden_layers`` conv layers of ``hidden_channels``
     filters (5x5, 'same' padding), then a final zero-initialised conv back to C channels.
-    The cDNI context enters as ``num_classes`` constant one-hot planes.
+    The cDNI context enters as ``num_classes`` constant one-hot planes and, given ``spatial``,
+    also through a zero-initialised linear map from the context to a (C, H, W) term added to
+    the output. The map is there because a convolution over constant planes gives nearly the
+    same output at every position (only the zero padding differs), while the gradient that a
+    linear classifier on the flattened maps sends back, W^T (softmax - onehot), has its own
+    pattern at each position: without the map a linear cDNI synthesizer cannot represent it.
 
     Args:
         channels: C of the activation.
@@ -143,6 +187,8 @@ class ConvSynthesizer(Synthesizer):
         batch_norm: BatchNorm2d after each hidden conv.
         num_classes: classes of the one-hot context; required when ``conditioned``.
         conditioned: cDNI.
+        context_size: features of the flattened context (default ``num_classes``).
+        spatial: (H, W) of the activation; with ``conditioned``, adds the per-position context map.
     """
 
     def __init__(
@@ -156,6 +202,7 @@ class ConvSynthesizer(Synthesizer):
         num_classes: int = 0,
         conditioned: bool = False,
         context_size: int | None = None,
+        spatial: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if channels < 1:
@@ -171,7 +218,8 @@ class ConvSynthesizer(Synthesizer):
         self.conditioned = conditioned
         pad = kernel_size // 2
         layers: list[nn.Module] = []
-        width = channels + ((num_classes if context_size is None else context_size) if conditioned else 0)
+        context_features = (num_classes if context_size is None else context_size) if conditioned else 0
+        width = channels + context_features
         for _ in range(hidden_layers):
             layers.append(nn.Conv2d(width, hidden_channels, kernel_size, padding=pad))
             if batch_norm:
@@ -181,15 +229,22 @@ class ConvSynthesizer(Synthesizer):
         self.hidden = nn.Sequential(*layers)
         self.out = nn.Conv2d(width, channels, kernel_size, padding=pad)
         _zero_(self.out)
+        self.context_map: nn.Linear | None = None
+        if conditioned and spatial is not None:
+            self.context_map = nn.Linear(context_features, channels * spatial[0] * spatial[1])
+            _zero_(self.context_map)
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = h  # (B, C, H, W)
         c = self._context(h, context)
-        if c is not None:
-            c = c.flatten(1)
-            planes = c[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B, context features, H, W)
-            x = torch.cat([x, planes], dim=1)
-        return self.out(self.hidden(x))
+        if c is None:
+            return self._in_units(self.out(self.hidden(x)))
+        c = c.flatten(1)
+        planes = c[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B, context features, H, W)
+        out = self.out(self.hidden(torch.cat([x, planes], dim=1)))
+        if self.context_map is not None:
+            out = out + self.context_map(c).view_as(out)
+        return self._in_units(out)
 
 
 class TokenSynthesizer(Synthesizer):
@@ -227,7 +282,7 @@ class TokenSynthesizer(Synthesizer):
             if c.dim() == 2:  # (B, classes): one label per sequence
                 c = c[:, None, :].expand(-1, h.shape[1], -1)
             x = torch.cat([x, c], dim=2)  # (B, T, D + classes)
-        return self.out(self.hidden(x))
+        return self._in_units(self.out(self.hidden(x)))
 
 
 def make_synthesizer(
@@ -239,6 +294,8 @@ def make_synthesizer(
     num_classes: int,
     conditioned: bool,
     context_size: int | None = None,
+    normalize: bool = False,
+    kind: str = "auto",
 ) -> Synthesizer:
     """The synthesizer that fits an activation of per-example shape ``activation_shape``.
 
@@ -246,11 +303,36 @@ def make_synthesizer(
     context is one label per position or none (``context_size`` None or ``num_classes``);
     any other shape an :class:`MLPSynthesizer` on the flattened activation.
     ``context_size``: features of the flattened cDNI context (see :func:`context_size`).
+    ``normalize``: predict in units of the targets' running RMS (:meth:`Synthesizer.normalize_targets`).
+    ``kind``: ``auto`` picks by shape as above; ``mlp`` an :class:`MLPSynthesizer` on the flattened
+    activation whatever its shape: it sees all of h, where a convolution sees a neighbourhood (the
+    gradient a classifier on flattened maps sends back depends on all of them).
+
+    Raises:
+        ValueError: an unknown ``kind``.
     """
+    if kind not in SYNTHESIZER_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(SYNTHESIZER_KINDS)}, got {kind!r}")
+    synthesizer = _pick_synthesizer(activation_shape, hidden_layers=hidden_layers, hidden_width=hidden_width,
+                                    batch_norm=batch_norm, num_classes=num_classes, conditioned=conditioned,
+                                    context_size=context_size, flat=kind == "mlp")
+    return synthesizer.normalize_targets() if normalize else synthesizer
+
+
+SYNTHESIZER_KINDS = ("auto", "mlp")
+"""``synthesizer.kind``: by the activation's shape, or an MLP on the flattened activation."""
+
+
+def _pick_synthesizer(activation_shape: tuple[int, ...], *, hidden_layers: int, hidden_width: int, batch_norm: bool,
+                      num_classes: int, conditioned: bool, context_size: int | None, flat: bool) -> Synthesizer:
     common = dict(hidden_layers=hidden_layers, num_classes=num_classes, conditioned=conditioned)
+    if flat:
+        return MLPSynthesizer(math.prod(activation_shape), hidden_width=hidden_width, batch_norm=batch_norm,
+                              context_size=context_size, **common)  # type: ignore[arg-type]
     if len(activation_shape) == 3:
         return ConvSynthesizer(activation_shape[0], hidden_channels=hidden_width, batch_norm=batch_norm,
-                               context_size=context_size, **common)  # type: ignore[arg-type]
+                               context_size=context_size, spatial=(activation_shape[1], activation_shape[2]),
+                               **common)  # type: ignore[arg-type]
     per_position = context_size is None or context_size in (num_classes, num_classes * activation_shape[0])
     if len(activation_shape) == 2 and per_position and not batch_norm:
         return TokenSynthesizer(activation_shape[1], hidden_width=hidden_width, **common)  # type: ignore[arg-type]

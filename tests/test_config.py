@@ -38,6 +38,8 @@ def test_defaults_yaml_and_overrides_in_order_of_precedence(tmp_path: Path) -> N
         ("", ["method=sgd"], "method: must be one of backprop, dni, cdni, delayed, nobprop (got 'sgd')"),
         ("", ["model.boundaries=[3,9]"], "model.boundaries: must be strictly increasing layer indices in 1..3"),
         ("", ["synthesizer.p_update=0"], "synthesizer.p_update: must be in (0, 1]"),
+        ("", ["synthesizer.kind=conv"], "synthesizer.kind: must be one of auto, mlp (got 'conv')"),
+        ("", ["synthesizer.normalize=maybe"], "synthesizer.normalize: must be true or false"),
         ("", ["train.epochs"], "an override must look like section.key=value"),
         ("", ["train=3"], "train: must be a mapping"),
         ("- a\n- b\n", [], "must hold a mapping of sections"),

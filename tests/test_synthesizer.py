@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dni.synthesizer import ConvSynthesizer, MLPSynthesizer, TokenSynthesizer, make_synthesizer
+from dni.synthesizer import ConvSynthesizer, MLPSynthesizer, TokenSynthesizer, make_synthesizer, reinitialise
 
 
 @pytest.mark.parametrize("hidden", [0, 1, 2])
@@ -23,6 +23,36 @@ def test_conv_synthesizer_outputs_exactly_zero_at_init(hidden: int) -> None:
     s = ConvSynthesizer(6, hidden_layers=hidden, hidden_channels=4, num_classes=3, conditioned=True)
     h = torch.randn(2, 6, 5, 5)
     assert torch.equal(s(h, torch.tensor([0, 2])), torch.zeros_like(h))
+
+
+def test_conv_synthesizer_with_context_map_fits_a_per_position_label_pattern() -> None:
+    """The gradient a linear classifier on flattened maps sends back for label y, -W^T onehot(y),
+    is a pattern of its own at each position: the context map fits it, constant planes cannot."""
+    torch.manual_seed(0)
+    patterns = torch.randn(3, 2, 10, 10)  # the target of each class: (C, H, W)
+
+    def final_relative_loss(spatial: tuple[int, int] | None) -> float:
+        s = ConvSynthesizer(2, hidden_layers=0, kernel_size=3, num_classes=3, conditioned=True, spatial=spatial)
+        opt = torch.optim.Adam(s.parameters(), lr=0.05)
+        for _ in range(300):
+            y = torch.randint(0, 3, (16,))
+            loss = (s(torch.randn(16, 2, 10, 10) * 0.1, y) - patterns[y]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(loss.detach() / patterns.pow(2).mean())
+
+    assert final_relative_loss((10, 10)) < 0.01
+    assert final_relative_loss(None) > 0.5  # only the 1-pixel border differs from the interior
+
+
+def test_reinitialised_conv_synthesizer_predicts_zero_again() -> None:
+    s = make_synthesizer((2, 4, 4), hidden_layers=0, hidden_width=4, batch_norm=False, num_classes=3, conditioned=True)
+    assert isinstance(s, ConvSynthesizer) and s.context_map is not None
+    for p in s.parameters():
+        torch.nn.init.normal_(p)
+    reinitialise(s)
+    assert torch.equal(s(torch.randn(2, 2, 4, 4), torch.tensor([0, 1])), torch.zeros(2, 2, 4, 4))
 
 
 def test_conditioned_synthesizer_uses_the_label() -> None:
@@ -58,6 +88,11 @@ def test_make_synthesizer_picks_mlp_conv_or_token_by_shape() -> None:
     assert isinstance(make_synthesizer((2, 3, 4, 5), **common), MLPSynthesizer)  # any other shape: flattened
     plain = dict(common, batch_norm=False)
     assert isinstance(make_synthesizer((6, 8), **plain), TokenSynthesizer)
+    flat = make_synthesizer((4, 7, 7), kind="mlp", **common)  # sees all of h, not a neighbourhood
+    assert isinstance(flat, MLPSynthesizer) and flat.features == 4 * 7 * 7
+    assert flat(torch.randn(3, 4, 7, 7)).shape == (3, 4, 7, 7)
+    with pytest.raises(ValueError, match="kind must be one of auto, mlp"):
+        make_synthesizer((16,), kind="conv", **common)
     s = make_synthesizer((2, 3, 4, 5), **common)
     assert s(torch.randn(3, 2, 3, 4, 5)).shape == (3, 2, 3, 4, 5)
 
@@ -93,3 +128,51 @@ def test_synthesizers_pass_gradcheck_in_float64() -> None:
         torch.nn.init.normal_(s.out.weight)  # non-zero, so the check is not trivial
         h = h.double().requires_grad_()
         assert torch.autograd.gradcheck(lambda x: s(x, c), (h,))
+
+
+def test_normalised_synthesizer_tracks_the_running_rms_of_its_targets() -> None:
+    s = MLPSynthesizer(4, hidden_layers=0).normalize_targets()
+    s.observe_target(torch.full((2, 4), 3.0))
+    assert float(s.target_rms) == pytest.approx(3.0)  # the first target sets the unit
+    s.observe_target(torch.full((2, 4), 1.0))
+    assert float(s.target_rms) == pytest.approx((0.99 * 9 + 0.01 * 1) ** 0.5)
+    plain = MLPSynthesizer(4, hidden_layers=0)
+    plain.observe_target(torch.ones(2, 4))
+    assert plain.target_rms is None and "target_rms" not in plain.state_dict()
+    assert "target_rms" in s.state_dict()  # saved with the synthesizer, so a resumed run keeps its unit
+
+
+def test_normalised_synthesizer_learns_targets_too_small_for_the_optimiser_steps() -> None:
+    """Adam moves each weight by about lr a step: on targets of 1e-3 per element that noise
+    swamps a plain synthesizer's prediction; in units of the targets' RMS it does not."""
+    torch.manual_seed(0)
+    mixing = torch.randn(32, 32) / 32**0.5
+
+    def final_relative_loss(normalize: bool) -> float:
+        torch.manual_seed(1)
+        s = make_synthesizer((32,), hidden_layers=0, hidden_width=1, batch_norm=False, num_classes=0,
+                             conditioned=False, normalize=normalize)
+        opt = torch.optim.Adam(s.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(400):
+            h = torch.randn(64, 32)
+            target = 1e-3 * h @ mixing
+            s.observe_target(target)
+            loss = (s(h) - target).pow(2).mean() / target.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        return sum(losses[-50:]) / 50
+
+    assert final_relative_loss(True) < 0.05
+    assert final_relative_loss(False) > 1.0  # worse than predicting zero
+
+
+def test_reinitialise_resets_the_unit_of_a_normalised_synthesizer() -> None:
+    s = MLPSynthesizer(4, hidden_layers=1, hidden_width=3).normalize_targets()
+    s.observe_target(torch.ones(2, 4))
+    reinitialise(s)
+    assert float(s.target_rms) == 0.0
+    s.observe_target(torch.full((2, 4), 2.0))
+    assert float(s.target_rms) == pytest.approx(2.0)
