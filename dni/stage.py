@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dni import rules
+from dni.checkpoint import CheckpointError
 from dni.fit import SynthesizerFit
 from dni.losses import LossFn, cross_entropy
 from dni.optim import OptimizerSpec
@@ -300,7 +301,22 @@ class DecoupledStage:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`. Raises KeyError/RuntimeError on a mismatched state."""
+        """Restore from :meth:`state_dict`.
+
+        Raises:
+            CheckpointError: the state is not one of this stage (another model, or a version of
+                dni whose modules had other parameters); the message names the first mismatch.
+        """
+        try:
+            self._load_state(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            # torch's message starts "Error(s) in loading state_dict for X:" and names the keys next
+            reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+            raise CheckpointError(
+                f"stage {self.index}: the checkpoint does not fit this stage ({reason}); it was written for another "
+                "model or by another version of dni: resume with that version, or start a new run") from e
+
+    def _load_state(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_done = int(state["steps_done"])

@@ -176,3 +176,17 @@ def test_reinitialise_resets_the_unit_of_a_normalised_synthesizer() -> None:
     assert float(s.target_rms) == 0.0
     s.observe_target(torch.full((2, 4), 2.0))
     assert float(s.target_rms) == pytest.approx(2.0)
+
+
+def test_a_stage_state_from_other_synthesizers_is_a_checkpoint_error_naming_the_key() -> None:
+    from conftest import tiny_config
+    from test_pipeline import make
+
+    from dni.checkpoint import CheckpointError
+
+    cfg = tiny_config(method="cdni", model={"kind": "cnn", "depth": 2, "channels": 2}, synthesizer={"hidden_width": 2})
+    cnn = make(cfg, torch.device("cpu"), shape=(1, 8, 8))
+    state = cnn.stages[0].state_dict()
+    state["synthesizer"] = {k: v for k, v in state["synthesizer"].items() if not k.startswith("context_map")}
+    with pytest.raises(CheckpointError, match=r"stage 0: the checkpoint does not fit this stage .*context_map"):
+        cnn.stages[0].load_state_dict(state)
