@@ -162,7 +162,7 @@ def test_normalised_synthesizer_learns_targets_too_small_for_the_optimiser_steps
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return sum(losses[-50:]) / 50
 
     assert final_relative_loss(True) < 0.05
