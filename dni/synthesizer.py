@@ -68,6 +68,10 @@ class Synthesizer(nn.Module):
         # where, not an if: reading the buffer on the host would wait for the device
         self.target_rms.copy_(torch.where(self.target_rms == 0, power, average).sqrt())
 
+    def zero_initialised(self) -> list[nn.Module]:
+        """The layers that start at exactly zero, so that the first predictions are zero."""
+        return [cast(nn.Module, self.out)]
+
     def _in_units(self, prediction: torch.Tensor) -> torch.Tensor:
         return prediction if self.target_rms is None else prediction * self.target_rms
 
@@ -100,9 +104,8 @@ def reinitialise(synthesizer: Synthesizer) -> None:
         for m in synthesizer.modules():
             if m is not synthesizer and hasattr(m, "reset_parameters"):
                 m.reset_parameters()  # type: ignore[operator]  # torch types nn.Module's attributes Tensor | Module
-        _zero_(cast(nn.Module, synthesizer.out))
-        if isinstance(synthesizer, ConvSynthesizer) and synthesizer.context_map is not None:
-            _zero_(synthesizer.context_map)
+        for layer in synthesizer.zero_initialised():
+            _zero_(layer)
         if synthesizer.target_rms is not None:
             synthesizer.target_rms.zero_()  # the next target sets the unit afresh
 
@@ -234,15 +237,18 @@ class ConvSynthesizer(Synthesizer):
             self.context_map = nn.Linear(context_features, channels * spatial[0] * spatial[1])
             _zero_(self.context_map)
 
+    def zero_initialised(self) -> list[nn.Module]:
+        return [self.out] if self.context_map is None else [self.out, self.context_map]
+
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = h  # (B, C, H, W)
         c = self._context(h, context)
-        if c is None:
-            return self._in_units(self.out(self.hidden(x)))
-        c = c.flatten(1)
-        planes = c[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B, context features, H, W)
-        out = self.out(self.hidden(torch.cat([x, planes], dim=1)))
-        if self.context_map is not None:
+        if c is not None:
+            c = c.flatten(1)
+            planes = c[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])  # (B, context features, H, W)
+            x = torch.cat([x, planes], dim=1)
+        out = self.out(self.hidden(x))
+        if c is not None and self.context_map is not None:
             out = out + self.context_map(c).view_as(out)
         return self._in_units(out)
 
@@ -326,15 +332,12 @@ SYNTHESIZER_KINDS = ("auto", "mlp")
 def _pick_synthesizer(activation_shape: tuple[int, ...], *, hidden_layers: int, hidden_width: int, batch_norm: bool,
                       num_classes: int, conditioned: bool, context_size: int | None, flat: bool) -> Synthesizer:
     common = dict(hidden_layers=hidden_layers, num_classes=num_classes, conditioned=conditioned)
-    if flat:
-        return MLPSynthesizer(math.prod(activation_shape), hidden_width=hidden_width, batch_norm=batch_norm,
-                              context_size=context_size, **common)  # type: ignore[arg-type]
-    if len(activation_shape) == 3:
+    if not flat and len(activation_shape) == 3:
         return ConvSynthesizer(activation_shape[0], hidden_channels=hidden_width, batch_norm=batch_norm,
                                context_size=context_size, spatial=(activation_shape[1], activation_shape[2]),
                                **common)  # type: ignore[arg-type]
     per_position = context_size is None or context_size in (num_classes, num_classes * activation_shape[0])
-    if len(activation_shape) == 2 and per_position and not batch_norm:
+    if not flat and len(activation_shape) == 2 and per_position and not batch_norm:
         return TokenSynthesizer(activation_shape[1], hidden_width=hidden_width, **common)  # type: ignore[arg-type]
     return MLPSynthesizer(math.prod(activation_shape), hidden_width=hidden_width, batch_norm=batch_norm,
                           context_size=context_size, **common)  # type: ignore[arg-type]

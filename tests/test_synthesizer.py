@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_config
+from test_pipeline import make
+from dni.checkpoint import CheckpointError
 from dni.synthesizer import ConvSynthesizer, MLPSynthesizer, TokenSynthesizer, make_synthesizer, reinitialise
 
 
@@ -179,11 +182,6 @@ def test_reinitialise_resets_the_unit_of_a_normalised_synthesizer() -> None:
 
 
 def test_a_stage_state_from_other_synthesizers_is_a_checkpoint_error_naming_the_key() -> None:
-    from conftest import tiny_config
-    from test_pipeline import make
-
-    from dni.checkpoint import CheckpointError
-
     cfg = tiny_config(method="cdni", model={"kind": "cnn", "depth": 2, "channels": 2}, synthesizer={"hidden_width": 2})
     cnn = make(cfg, torch.device("cpu"), shape=(1, 8, 8))
     state = cnn.stages[0].state_dict()
