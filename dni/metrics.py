@@ -129,15 +129,24 @@ class TensorBoardSink:
 
 
 class MetricsLogger:
-    """Fans scalars out to every sink and keeps the latest value of each tag."""
+    """Fans scalars out to every sink and keeps the latest value of each tag.
 
-    def __init__(self, sinks: list[Sink]) -> None:
+    Args:
+        sinks: where scalars go.
+        per_char: the losses are nats per character (text data): each ``train/``, ``val/`` and
+            ``test/loss`` is also logged as ``<split>/bits_per_char``.
+    """
+
+    def __init__(self, sinks: list[Sink], *, per_char: bool = False) -> None:
         self.sinks = sinks
+        self.per_char = per_char
         self.latest: dict[str, float] = {}
         self.latest_step = 0  # the newest step logged
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         scalars = with_log10_losses(scalars)
+        if self.per_char:
+            scalars = with_bits_per_char(scalars)
         self.latest.update(scalars)
         self.latest_step = max(self.latest_step, step)
         for sink in self.sinks:
@@ -178,6 +187,23 @@ def with_log10_losses(scalars: dict[str, float]) -> dict[str, float]:
     return {**scalars, **extra} if extra else scalars
 
 
+SPLITS = ("train", "val", "test")
+
+
+def with_bits_per_char(scalars: dict[str, float]) -> dict[str, float]:
+    """``scalars`` and ``<split>/bits_per_char`` (the loss over ln 2) for each ``<split>/loss`` of
+    train, val and test: a character-level model's mean cross-entropy in bits."""
+    extra = {f"{split}/bits_per_char": scalars[f"{split}/loss"] / math.log(2)
+             for split in SPLITS if f"{split}/loss" in scalars}
+    return {**scalars, **extra} if extra else scalars
+
+
+def bits_per_char_summary(latest: dict[str, float]) -> dict[str, float]:
+    """The summary's ``val_bits_per_char`` and ``test_bits_per_char``, where logged."""
+    return {f"{split}_bits_per_char": latest[f"{split}/bits_per_char"]
+            for split in ("val", "test") if f"{split}/bits_per_char" in latest}
+
+
 LEADING_HPARAMS = ("method", "model", "model.depth", "stages", "train.lr", "synthesizer.lr",
                    "train.batch_size", "train.optimizer", "seed", "backend")
 """The hyper-parameters shown first, in this order (the first five are TensorBoard's default
@@ -185,7 +211,8 @@ columns). ``model`` (``fcn-4``, ``custom:stages``), ``stages`` (how many) and ``
 the summary's; the others are config keys."""
 
 HPARAM_METRICS = (("test/accuracy", "test_accuracy"), ("test/loss", "test_loss"),
-                  ("val/accuracy", "val_accuracy"), ("train/loss", "train_loss"))
+                  ("val/accuracy", "val_accuracy"), ("train/loss", "train_loss"),
+                  ("test/bits_per_char", "test_bits_per_char"))
 """(TensorBoard tag, summary key) of the HPARAMS tab's metrics, in order."""
 
 

@@ -1,7 +1,8 @@
 """Models as lists of stages: the registry of ``model.kind``, the paper's networks, and yours.
 
 Every kind is an entry of :data:`MODELS` that returns one ``nn.Module`` per stage:
-``fcn`` and ``cnn`` are the paper's networks, ``custom`` calls the user's
+``fcn`` and ``cnn`` are the paper's networks, ``gpt`` a character language model
+(:mod:`dni.transformer`), ``custom`` calls the user's
 ``model.factory(in_shape, num_classes)``. For the paper's networks a *layer* is the unit
 the paper decouples (Linear-BN-ReLU, or Conv-BN-ReLU-pool) and a *stage* is a run of
 consecutive layers that one worker owns; ``boundaries`` are the layer indices where a
@@ -19,6 +20,7 @@ from torch import nn
 
 from dni.config import ConfigError, ModelConfig
 from dni.imports import import_object
+from dni.transformer import gpt_layer
 
 
 LayerBuilder = Callable[[], nn.Module]
@@ -133,6 +135,16 @@ def _cnn(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: in
         raise ConfigError(f"model.kind: a CNN needs image inputs (C, H, W), got inputs of shape {in_shape}")
     c, h, w = in_shape
     return _per_stage(cnn_layers((c, h, w), num_classes, depth=cfg.depth, channels=cfg.channels), cfg.boundaries, seed)
+
+
+@register_model("gpt")
+def _gpt(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> list[nn.Module]:
+    if len(in_shape) != 1:
+        raise ConfigError(f"model.kind: a GPT reads token ids, one sequence (T,) per example, got inputs of "
+                          f"shape {in_shape}; use data.name=text")
+    builders: list[LayerBuilder] = [partial(gpt_layer, i, vocab=num_classes, context=in_shape[0], depth=cfg.depth, width=cfg.width,
+                        heads=cfg.heads) for i in range(cfg.depth + 1)]
+    return _per_stage(builders, cfg.boundaries, seed)
 
 
 @register_model("custom")

