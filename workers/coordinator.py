@@ -37,7 +37,7 @@ from dni.checkpoint import CheckpointError, load_latest, save_checkpoint
 from dni.config import Config, RuntimeConfig
 from dni.imports import with_absolute_paths
 from dni.models import describe
-from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, by_stage, flatten
+from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, bits_per_char_summary, by_stage, flatten
 from dni.run import CHECKPOINTS, METRICS_FILE, Interrupted, RunError, write_summary
 from dni.stage import NonFiniteError
 from workers.actor import StageActor
@@ -295,7 +295,8 @@ class Coordinator:
         """
         resumed = self.start_step or None
         self.logger = MetricsLogger([JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed),
-                                     TensorBoardSink(self.run_dir, resume_step=resumed)])
+                                     TensorBoardSink(self.run_dir, resume_step=resumed)],
+                                    per_char=self.cfg.data.name == "text")
         try:
             if not self.actors:
                 self.start()
@@ -552,4 +553,5 @@ class Coordinator:
             "resumed_from_step": self.resumed_from, "nodes": self.nodes,
             "restarts": [{"failure": r["failure"], "from_step": r["from_step"],
                           "seconds_to_resume": r["resumed"] - r["detected"]} for r in self.restarts],
+            **bits_per_char_summary(latest),
         }

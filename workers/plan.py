@@ -9,6 +9,7 @@ from dni.build import model_stages
 from dni.config import Config
 from dni.data import load_splits
 from dni.data.spec import DataSpec
+from dni.data.vocabulary import Vocabulary
 from dni.schedule import Schedule
 from dni.trainer import Budget
 from workers.topology import Topology
@@ -28,6 +29,8 @@ class Plan:
     """Every stage's per-example output shape."""
     topology: Topology
     schedule: Schedule
+    vocabulary: Vocabulary | None = None
+    """Text data: the characters behind the token ids (saved with the run)."""
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -43,7 +46,7 @@ def make_plan(cfg: Config) -> Plan:
     budget = Budget.of(cfg, len(splits.train))
     topology = Topology(tuple(cfg.replicas(i) for i in range(len(shapes))))
     schedule = Schedule.of(cfg, budget.total_steps, budget.steps_per_epoch)
-    return Plan(data, shapes, topology, schedule)
+    return Plan(data, shapes, topology, schedule, splits.vocabulary)
 
 
 def transport_backend(cfg: Config, device: "torch.device", *, own_gpu: bool) -> str:
