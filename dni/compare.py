@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,30 @@ def series(rows: list[dict[str, Any]], tag: str) -> tuple[list[int], list[float]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+@dataclass(frozen=True)
+class Measure:
+    """What the curves of a comparison show: test accuracy, or bits per character for text."""
+
+    tag: str
+    label: str
+    scale: float
+
+
+ACCURACY = Measure("test/accuracy", "test accuracy %", 100.0)
+BITS_PER_CHAR = Measure("test/bits_per_char", "test bits per char", 1.0)
+
+
+def measure_of(rows: list[dict[str, Any]]) -> Measure:
+    """Bits per character where a run logged them (a language model), else accuracy."""
+    return BITS_PER_CHAR if any(BITS_PER_CHAR.tag in r for r in rows) else ACCURACY
+
+
 def markdown_table(summaries: dict[str, dict[str, Any]], baseline: str | None = None) -> str:
-    """One row per method: test error, time per step and its ratio to the baseline (backprop if present)."""
+    """One row per method: test error (bits per char for a language model), time per step and
+    their differences and ratios to the baseline (backprop if present)."""
     base = summaries.get(baseline or "backprop") or next(iter(summaries.values()))
+    if "test_bits_per_char" in base:
+        return _bits_table(summaries, base)
     lines = [
         "| method | test error % | test accuracy | steps | s/step | cost vs baseline | final sg cosine (per stage) |",
         "|---|---|---|---|---|---|---|",
@@ -43,19 +65,35 @@ def markdown_table(summaries: dict[str, dict[str, Any]], baseline: str | None = 
     return "\n".join(lines) + "\n"
 
 
-def accuracy_by_seconds(rows: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """(training seconds, test accuracy) at each evaluation: ``time/train_seconds`` is logged at
-    the step of each evaluation, evaluation time excluded."""
+def _bits_table(summaries: dict[str, dict[str, Any]], base: dict[str, Any]) -> str:
+    lines = [
+        "| method | test bits/char | vs baseline | test accuracy | steps | s/step | cost vs baseline | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, s in summaries.items():
+        bits = s.get("test_bits_per_char", float("nan"))
+        lines.append(
+            f"| {method} | {bits:.3f} | {bits - base['test_bits_per_char']:+.3f} | {s['test_accuracy']:.4f} | "
+            f"{s['steps']} | {s['seconds_per_step'] * 1000:.1f} ms | "
+            f"{s['seconds_per_step'] / base['seconds_per_step']:.2f}x | {s['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_by_seconds(rows: list[dict[str, Any]], tag: str = ACCURACY.tag) -> tuple[list[float], list[float]]:
+    """(training seconds, the test metric ``tag``) at each evaluation: ``time/train_seconds`` is logged
+    at the step of each evaluation, evaluation time excluded."""
     seconds = {r["step"]: r["time/train_seconds"] for r in rows if r.get("time/train_seconds") is not None}
-    steps, acc = series(rows, "test/accuracy")
+    steps, acc = series(rows, tag)
     pts = [(seconds[s], a) for s, a in zip(steps, acc) if s in seconds]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def learning_curves_figure(runs: dict[str, Path], *, title: str = "") -> Figure:
-    """Training loss against steps, and test accuracy against steps and against training seconds
-    (time to accuracy), of several runs: one line with markers per run, the same colour in
-    every panel. An axis is logarithmic only where its values span more than a decade."""
+    """Training loss against steps, and test accuracy (bits per character for a language model)
+    against steps and against training seconds (time to accuracy), of several runs: one line with
+    markers per run, the same colour in every panel. An axis is logarithmic only where its values
+    span more than a decade."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -64,17 +102,19 @@ def learning_curves_figure(runs: dict[str, Path], *, title: str = "") -> Figure:
 
     fig, (ax_loss, ax_acc, ax_time) = plt.subplots(1, 3, figsize=(15, 4.2))
     values: dict[Axes, list[float]] = {ax_loss: [], ax_acc: [], ax_time: []}
-    for label, run_dir in runs.items():
-        rows = read_metrics(run_dir)
-        for ax, (x, y) in ((ax_loss, series(rows, "train/loss")),
-                           (ax_acc, series(rows, "test/accuracy")), (ax_time, accuracy_by_seconds(rows))):
+    rows_of = {label: read_metrics(run_dir) for label, run_dir in runs.items()}
+    measure = measure_of([r for rows in rows_of.values() for r in rows])
+    for label, rows in rows_of.items():
+        for ax, (x, y) in ((ax_loss, series(rows, "train/loss")), (ax_acc, series(rows, measure.tag)),
+                           (ax_time, accuracy_by_seconds(rows, measure.tag))):
             if ax is not ax_loss:
-                y = [100 * a for a in y]
+                y = [measure.scale * a for a in y]
             ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=5, linewidth=1.2, label=label)
             values[ax] += y
+    name = measure.label.removesuffix(" %")
     ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
-    ax_acc.set(xlabel="step", ylabel="test accuracy %", title="test accuracy")
-    ax_time.set(xlabel="training seconds", ylabel="test accuracy %", title="time to accuracy")
+    ax_acc.set(xlabel="step", ylabel=measure.label, title=name)
+    ax_time.set(xlabel="training seconds", ylabel=measure.label, title=f"time to {name.removeprefix('test ')}")
     for ax, ys in values.items():
         _plain_axes(ax, ys)
         # From the start of training, so a run's single evaluation stands at its step or time.

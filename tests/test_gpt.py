@@ -151,3 +151,17 @@ def test_stage_processes_reproduce_the_reference_trainer_for_a_gpt(tmp_path: Pat
         assert sg == sw and vg == pytest.approx(vw, rel=1e-5, abs=1e-6)
     bits = [m["test/loss"] / math.log(2) for _, m in results[-1]["metrics"] if "test/loss" in m]
     assert bits[-1] == pytest.approx(local["test_bits_per_char"], rel=1e-5)
+
+
+def test_compare_reports_bits_per_char_against_backprop_for_a_language_model(tmp_path: Path) -> None:
+    text = periodic_text(tmp_path / "t.txt")
+    code = main(["compare", str(ROOT / "configs" / "char_gpt.yaml"), "--methods", "backprop,cdni",
+                 "--out", str(tmp_path / "cmp"), f"data.path={text}", "data.val_size=8", "model.depth=2",
+                 "model.width=16", "train.max_steps=6", "train.eval_steps=3", f"log.dir={tmp_path / 'runs'}",
+                 "--no-progress"])
+    assert code == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    summaries = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    cdni = summaries["cdni"]["test_bits_per_char"] - summaries["backprop"]["test_bits_per_char"]
+    assert "| method | test bits/char | vs baseline |" in table and f"| {cdni:+.3f} |" in table
+    assert (tmp_path / "cmp" / "learning_curves.png").stat().st_size > 10_000
