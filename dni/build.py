@@ -14,6 +14,7 @@ from dni.losses import resolve_loss
 from dni.models import activation_shapes, build_stages, stage_seed
 from dni.optim import OptimizerSpec
 from dni.pipeline import Pipeline
+from dni.recurrent import LSTMLanguageModel, RecurrentPipeline
 from dni.stage import DecoupledStage, StageOptions
 from dni.synthesizer import Synthesizer, make_synthesizer
 
@@ -96,8 +97,18 @@ def model_stages(cfg: Config, data: DataSpec) -> tuple[list[torch.nn.Module], li
     return modules, activation_shapes(modules, data.in_shape, dtype=data.in_dtype)
 
 
+def trainable(cfg: Config, data: DataSpec, *, total_steps: int, steps_per_epoch: int,
+              device: torch.device) -> Pipeline | RecurrentPipeline:
+    """What the single-process trainer trains: :func:`build_pipeline`, or for a recurrent model
+    (``model.kind: lstm``) :func:`recurrent_pipeline`, whose streams restart every ``steps_per_epoch``."""
+    if cfg.model.kind == "lstm":
+        return recurrent_pipeline(cfg, data, total_steps=total_steps, device=device, steps_per_epoch=steps_per_epoch)
+    return build_pipeline(cfg, data, total_steps=total_steps, device=device)
+
+
 def build_pipeline(cfg: Config, data: DataSpec, *, total_steps: int, device: torch.device) -> Pipeline:
-    """All stages of the configured run as a single-process :class:`Pipeline`."""
+    """All stages of the configured run as a single-process :class:`Pipeline` (layer-decoupled
+    models; a recurrent one is :func:`recurrent_pipeline`)."""
     modules, shapes = model_stages(cfg, data)
     stages = [
         decoupled_stage(cfg, m, i, data=data, output_shape=shapes[i], num_stages=len(modules),
@@ -105,6 +116,18 @@ def build_pipeline(cfg: Config, data: DataSpec, *, total_steps: int, device: tor
         for i, m in enumerate(modules)
     ]
     return Pipeline(stages, bp_lambda=cfg.synthesizer.bp_lambda, correction=cfg.sync.bp_lambda, delay=delay(cfg))
+
+
+def recurrent_pipeline(cfg: Config, data: DataSpec, *, total_steps: int, device: torch.device,
+                       steps_per_epoch: int) -> RecurrentPipeline:
+    """The LSTM of ``model.kind: lstm`` as one stage trained by truncated BPTT; under ``method: dni``
+    with a synthesizer of its flattened state (seeded like any stage's)."""
+    (module,) = build_stages(cfg.model, data.in_shape, data.num_classes, seed=cfg.seed)
+    assert isinstance(module, LSTMLanguageModel)
+    synth = build_synthesizer(cfg, 0, (module.state_features,), data)
+    stage = DecoupledStage(0, module.to(device), synth.to(device) if synth is not None else None, is_last=False,
+                           options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss))
+    return RecurrentPipeline(stage, steps_per_epoch=steps_per_epoch)
 
 
 def delay(cfg: Config) -> int:

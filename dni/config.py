@@ -21,7 +21,7 @@ from dni.synthesizer import SYNTHESIZER_KINDS
 
 GATES = ("none", "fit")
 METHODS = ("backprop", "dni", "cdni", "delayed", "nobprop")
-MODEL_KINDS = ("fcn", "cnn", "gpt", "custom")
+MODEL_KINDS = ("fcn", "cnn", "gpt", "lstm", "custom")
 DATASETS = ("mnist", "cifar10", "idx", "custom", "text")
 TEXT_CONTEXT = 64
 """``data.context`` of text data when not given: characters per window."""
@@ -57,6 +57,9 @@ class ModelConfig:
     ``cnn``: ``depth`` Conv5x5-BN-ReLU(-pool) layers then a Linear classifier (paper CNN-k);
     ``gpt``: a GPT-style language model of ``depth`` transformer blocks ``width`` wide with ``heads``
     attention heads, on token ids (text data), its context the data's (:mod:`dni.transformer`);
+    ``lstm``: an LSTM language model (``depth`` layers of ``width`` units) trained by truncated BPTT
+    over segments of ``bptt`` tokens, its state carried from segment to segment; ``method: dni``
+    adds a synthesizer of the gradient the future sends into the carried state (:mod:`dni.recurrent`);
     ``custom``: the stages that ``model.factory`` returns."""
     factory: str | None = None
     """``custom`` only: ``"path/to/file.py:function"`` or ``"package.module:function"``, called as
@@ -74,6 +77,9 @@ class ModelConfig:
     """Filters per conv layer of a CNN."""
     heads: int = 4
     """Attention heads per block of a GPT (``width`` must be a multiple)."""
+    bptt: int | None = None
+    """``lstm`` only, required: tokens per truncated-BPTT segment (T); the data's windows are the
+    segments (``data.context`` defaults to it)."""
     boundaries: list[int] | None = None
     """Layer indices where a new stage starts (strictly increasing, in 1..depth).
     ``null`` decouples every layer, as in the paper: depth + 1 stages."""
@@ -97,6 +103,13 @@ class ModelConfig:
         if self.kind == "gpt":
             _check(self.width % self.heads == 0, "model.heads",
                    f"model.width={self.width} must be a multiple of model.heads={self.heads}")
+        if self.kind == "lstm":
+            _check(self.bptt is not None and self.bptt >= 1, "model.bptt",
+                   f"an LSTM needs its truncation window, >= 1 tokens, e.g. model.bptt=5 (got {self.bptt})")
+            _check(self.boundaries is None, "model.boundaries",
+                   "an LSTM is one stage, decoupled in time at its segment boundaries; set it to null")
+        else:
+            _check(self.bptt is None, "model.bptt", f"only for model.kind=lstm (got {self.kind!r}); remove it")
         if self.boundaries is not None:
             layers = self.depth + 1
             b = self.boundaries
@@ -442,6 +455,8 @@ class Config:
                "set backend=local")
         _one_of(self.device, DEVICES, "device")
         _check(self.threads >= 0, "threads", f"must be >= 0 (got {self.threads})")
+        if self.model.kind == "lstm":
+            self._check_recurrent()
         for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync,
                         self.bench):
             section.validate()
@@ -460,6 +475,22 @@ class Config:
             _check(self.backend == "ray" or spec.replicas == 1, f"stages[{i}].replicas",
                    "replicas run on backend: ray only; set backend=ray or remove the entry")
         return self
+
+    def _check_recurrent(self) -> None:
+        """What a truncated-BPTT run (model.kind=lstm) needs: the data's windows are its segments."""
+        _check(self.data.context == self.model.bptt, "data.context",
+               f"an LSTM's windows are its truncated-BPTT segments: data.context={self.data.context} must equal "
+               f"model.bptt={self.model.bptt}; remove data.context (it defaults to model.bptt)")
+        _check(self.data.stride in (None, self.data.context), "data.stride",
+               "an LSTM reads its text as contiguous streams: remove data.stride")
+        _check(self.method in ("backprop", "dni"), "method",
+               f"an LSTM trains with backprop (plain truncated BPTT) or dni (a synthesizer at the truncation "
+               f"boundary); got {self.method}: cdni's context would be the labels of segments not yet read")
+        _check(self.backend == "local", "backend",
+               "an LSTM is one stage, decoupled in time rather than across workers: set backend=local")
+        _check(self.sync.true_every == 0, "sync.true_every",
+               "true-gradient rounds need the gradient from the future segments, which truncated BPTT never "
+               "computes: set sync.true_every=0 (log.grad_every measures the synthesizer against its target)")
 
     def replicas(self, stage: int) -> int:
         """Replicas of stage ``stage`` (1 unless ``stages`` says otherwise)."""
@@ -586,7 +617,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a Config from nested plain values (as read from YAML)."""
-    return _build(Config, values).validate()
+    return _derive(_build(Config, values)).validate()
+
+
+def _derive(cfg: Config) -> Config:
+    """Fill the settings whose defaults follow from others (the run directory's config.yaml then
+    holds them): an LSTM's data windows default to its truncation window."""
+    if cfg.model.kind == "lstm" and cfg.data.context is None and cfg.data.name == "text":
+        cfg.data.context = cfg.model.bptt
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

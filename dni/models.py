@@ -20,6 +20,7 @@ from torch import nn
 
 from dni.config import ConfigError, ModelConfig
 from dni.imports import import_object
+from dni.recurrent import LSTMLanguageModel
 from dni.transformer import gpt_layer
 
 
@@ -145,6 +146,16 @@ def _gpt(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: in
     builders: list[LayerBuilder] = [partial(gpt_layer, i, vocab=num_classes, context=in_shape[0], depth=cfg.depth, width=cfg.width,
                         heads=cfg.heads) for i in range(cfg.depth + 1)]
     return _per_stage(builders, cfg.boundaries, seed)
+
+
+@register_model("lstm")
+def _lstm(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> list[nn.Module]:
+    if len(in_shape) != 1:
+        raise ConfigError(f"model.kind: an LSTM reads token ids, one segment (T,) per example, got inputs of "
+                          f"shape {in_shape}; use data.name=text")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stage_seed(seed, 0))
+        return [LSTMLanguageModel(num_classes, width=cfg.width, depth=cfg.depth)]
 
 
 @register_model("custom")

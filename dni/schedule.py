@@ -45,6 +45,37 @@ class EpochBatches:
         return self.data.images.index_select(0, idx), self.data.labels.index_select(0, idx)
 
 
+def stream_order(count: int, streams: int) -> torch.Tensor:
+    """The order in which to read ``count`` consecutive windows as ``streams`` parallel streams: stream b
+    is windows ``b * L .. (b + 1) * L - 1`` (L = count // streams; the last ``count % streams`` are left
+    out), and batch j of ``streams`` rows holds window j of every stream."""
+    length = count // streams
+    return (torch.arange(length)[:, None] + torch.arange(streams)[None, :] * length).flatten()
+
+
+class StreamBatches:
+    """The training batch of any global step for truncated BPTT: step g reads segment
+    ``g % steps_per_epoch`` of every stream (:func:`stream_order`), the same order every epoch."""
+
+    def __init__(self, data: ArrayDataset, batch_size: int) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.steps_per_epoch = len(data) // batch_size
+        self.order = stream_order(len(data), batch_size).to(data.images.device)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = step % self.steps_per_epoch
+        idx = self.order[j * self.batch_size : (j + 1) * self.batch_size]
+        return self.data.images.index_select(0, idx), self.data.labels.index_select(0, idx)
+
+
+def stream_batches(data: ArrayDataset, streams: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every segment of ``data`` read as ``streams`` parallel streams (fewer if it has fewer windows), in order:
+    the evaluation batches of a recurrent model."""
+    streams = max(min(streams, len(data)), 1)
+    batches = StreamBatches(data, streams)
+    return [batches(j) for j in range(batches.steps_per_epoch)] if len(data) else []
+
+
 @dataclass(frozen=True)
 class Schedule:
     """When the periodic actions happen, in global steps (0-based)."""

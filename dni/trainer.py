@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from dni.build import build_pipeline
+from dni.build import trainable
 from dni.checkpoint import load_latest, save_checkpoint
 from dni.config import Config
 from dni.data import Splits, iterate_batches, load_splits
@@ -24,7 +24,8 @@ from dni.metrics import JsonlSink, MetricsLogger, TensorBoardSink, bits_per_char
 from dni.models import describe
 from dni.pipeline import Pipeline
 from dni.run import CHECKPOINTS, METRICS_FILE, Interrupted, write_summary
-from dni.schedule import EpochBatches, Schedule
+from dni.recurrent import RecurrentPipeline
+from dni.schedule import EpochBatches, Schedule, StreamBatches, stream_batches
 from dni.stage import NonFiniteError
 
 
@@ -89,9 +90,10 @@ class Trainer:
         self.budget = Budget.of(cfg, len(self.splits.train))
         self.schedule = Schedule.of(cfg, self.budget.total_steps, self.budget.steps_per_epoch)
         torch.manual_seed(cfg.seed)
-        self.pipeline: Pipeline = pipeline or build_pipeline(
-            cfg, DataSpec.of(self.splits.train), total_steps=self.budget.total_steps, device=self.device
-        )
+        self.pipeline: Pipeline | RecurrentPipeline = pipeline or trainable(
+            cfg, DataSpec.of(self.splits.train), total_steps=self.budget.total_steps,
+            steps_per_epoch=self.budget.steps_per_epoch, device=self.device)
+        self.recurrent = isinstance(self.pipeline, RecurrentPipeline)  # streams, not shuffled batches
         self.progress = progress
         self.step = 0
         self.elapsed = 0.0  # wall seconds of the run so far, including earlier processes (resumed runs)
@@ -111,6 +113,7 @@ class Trainer:
         return {
             "config": self.cfg.to_dict(),
             "stages": [s.state_dict() for s in self.pipeline.stages],
+            "carried": self.pipeline.carried_state() if isinstance(self.pipeline, RecurrentPipeline) else {},
             "elapsed": self.elapsed,
             "step_seconds": self.step_seconds,
             "eval_seconds": self.eval_seconds,
@@ -126,6 +129,8 @@ class Trainer:
         state = load_latest(self.run_dir / CHECKPOINTS)
         for stage, s in zip(self.pipeline.stages, state["stages"], strict=True):
             stage.load_state_dict(s)
+        if isinstance(self.pipeline, RecurrentPipeline):
+            self.pipeline.load_carried_state(state.get("carried", {}))
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.step_seconds = float(state["step_seconds"])
@@ -161,7 +166,8 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg, budget, schedule = self.cfg, self.budget, self.schedule
-        batches = EpochBatches(self.train_data, cfg.train.batch_size, cfg.seed)
+        batches: EpochBatches | StreamBatches = (StreamBatches(self.train_data, cfg.train.batch_size) if self.recurrent
+                                                 else EpochBatches(self.train_data, cfg.train.batch_size, cfg.seed))
         start = time.perf_counter() - self.elapsed
         window_start, window_steps = time.perf_counter(), 0
         for g in range(self.step, budget.total_steps):
@@ -226,7 +232,10 @@ class Trainer:
         for name, ds in (("val", self.splits.val), ("test", self.splits.test)):
             if len(ds) == 0:
                 continue
-            for metric, v in self.pipeline.evaluate(iterate_batches(ds.to(self.device), 1024, shuffle=False)).items():
+            on_device = ds.to(self.device)
+            batches = (stream_batches(on_device, self.cfg.train.batch_size) if self.recurrent
+                       else iterate_batches(on_device, 1024, shuffle=False))
+            for metric, v in self.pipeline.evaluate(batches).items():
                 out[f"{name}/{metric}"] = v
         return out
 
