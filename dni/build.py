@@ -127,7 +127,7 @@ def recurrent_pipeline(cfg: Config, data: DataSpec, *, total_steps: int, device:
     synth = build_synthesizer(cfg, 0, (module.state_features,), data)
     stage = DecoupledStage(0, module.to(device), synth.to(device) if synth is not None else None, is_last=False,
                            options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss))
-    return RecurrentPipeline(stage, steps_per_epoch=steps_per_epoch)
+    return RecurrentPipeline(stage, steps_per_epoch=steps_per_epoch, discount=cfg.synthesizer.discount)
 
 
 def delay(cfg: Config) -> int:

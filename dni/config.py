@@ -22,7 +22,7 @@ from dni.synthesizer import SYNTHESIZER_KINDS
 GATES = ("none", "fit")
 METHODS = ("backprop", "dni", "cdni", "delayed", "nobprop")
 MODEL_KINDS = ("fcn", "cnn", "gpt", "lstm", "custom")
-DATASETS = ("mnist", "cifar10", "idx", "custom", "text")
+DATASETS = ("mnist", "cifar10", "idx", "custom", "text", "copy")
 TEXT_CONTEXT = 64
 """``data.context`` of text data when not given: characters per window."""
 LOSSES = ("cross_entropy", "mse")
@@ -128,8 +128,8 @@ class DataConfig:
 
     name: str = "mnist"
     """``mnist``, ``cifar10``, ``idx`` (any folder of standard-named idx files), ``custom``
-    (the datasets that ``data.factory`` returns) or ``text`` (one UTF-8 file, character level:
-    :mod:`dni.data.text`)."""
+    (the datasets that ``data.factory`` returns), ``text`` (one UTF-8 file, character level:
+    :mod:`dni.data.text`) or ``copy`` (the paper's copy tasks, generated: :mod:`dni.data.copy_task`)."""
     path: str = "data/mnist"
     """Folder holding the data (created and filled by ``dni data mnist`` for MNIST); passed to a
     custom factory that takes a ``path`` argument; for ``text`` the file (``.../shakespeare.txt``
@@ -144,14 +144,25 @@ class DataConfig:
     download: bool = True
     """Obtain the dataset on first use when it is missing."""
     context: int | None = None
-    """``text`` only: characters per window, the model's context (default 64)."""
+    """``text`` and ``copy``: tokens per window, the model's context (default 64; an LSTM's model.bptt)."""
     stride: int | None = None
     """``text`` only: characters between the starts of training windows (default: ``context``, each
     character once per epoch; smaller gives more, overlapping windows)."""
+    length: int | None = None
+    """``copy`` only, required: symbols per sequence to copy (N)."""
+    repeats: int = 1
+    """``copy`` only: how many times the sequence is to be output (1: Copy; more: Repeat Copy)."""
+    episodes: int = 10000
+    """``copy`` only: training episodes (validation: ``val_size``, test: 1000)."""
+
+    @property
+    def per_char(self) -> bool:
+        """Whether losses are per character (``text``, ``copy``): they are also reported in bits per character."""
+        return self.name in ("text", "copy")
 
     @property
     def text_context(self) -> int:
-        """Characters per window of text data."""
+        """Tokens per window of text or copy data."""
         return self.context if self.context is not None else TEXT_CONTEXT
 
     def validate(self) -> None:
@@ -163,12 +174,19 @@ class DataConfig:
             _check(self.factory is None, "data.factory",
                    f"only for data.name=custom (got {self.name!r}); remove it or set data.name=custom")
         _check(self.val_size >= 0, "data.val_size", f"must be >= 0 (got {self.val_size})")
-        for key in ("context", "stride"):
+        for key, names in (("context", ("text", "copy")), ("stride", ("text",)), ("length", ("copy",))):
             value = getattr(self, key)
-            if self.name != "text":
-                _check(value is None, f"data.{key}", f"only for data.name=text (got {self.name!r}); remove it")
+            if self.name not in names:
+                _check(value is None, f"data.{key}", f"only for data.name={' or '.join(names)} (got {self.name!r}); remove it")
             else:
                 _check(value is None or value >= 1, f"data.{key}", f"must be >= 1 (got {value})")
+        if self.name == "copy":
+            _check(self.length is not None, "data.length", "the copy task needs its sequence length, e.g. data.length=10")
+            _check(self.repeats >= 1 and self.episodes >= 1, "data.repeats",
+                   f"and data.episodes must be >= 1 (got {self.repeats} and {self.episodes})")
+        else:
+            _check(self.repeats == 1 and self.episodes == 10000, "data.repeats",
+                   f"and data.episodes are for data.name=copy only (got {self.name!r}); remove them")
 
 
 @dataclass
@@ -240,6 +258,11 @@ class SynthesizerConfig:
     """adam, adamw or sgd (with train.momentum and train.nesterov); null: train.optimizer."""
     loss_weight: float = 1.0
     """Weight of the L2 regression loss (paper: 1.0)."""
+    discount: float = 1.0
+    """``model.kind: lstm`` only: the weight of the future in the synthetic gradient at a segment
+    boundary, gamma in (0, 1]: the synthesizer predicts the gradient of sum_k gamma^k L_{next+k}, as in
+    TD learning (paper: 1, no discount); below 1 the bootstrapped targets cannot grow without bound
+    where the state's Jacobian amplifies them."""
     bp_lambda: float = 0.0
     """BP(lambda): each stage waits for the gradient from above and backpropagates lambda x that +
     (1 - lambda) x its synthetic gradient; 0 = pure synthetic gradients (update-unlocked), 1 = backprop.
@@ -457,6 +480,9 @@ class Config:
         _check(self.threads >= 0, "threads", f"must be >= 0 (got {self.threads})")
         if self.model.kind == "lstm":
             self._check_recurrent()
+        else:
+            _check(self.synthesizer.discount == 1, "synthesizer.discount",
+                   "discounts the future at a recurrent model's segment boundary (model.kind=lstm); remove it")
         for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync,
                         self.bench):
             section.validate()
@@ -488,6 +514,8 @@ class Config:
                f"boundary); got {self.method}: cdni's context would be the labels of segments not yet read")
         _check(self.backend == "local", "backend",
                "an LSTM is one stage, decoupled in time rather than across workers: set backend=local")
+        _check(0 < self.synthesizer.discount <= 1, "synthesizer.discount",
+               f"must be in (0, 1] (got {self.synthesizer.discount})")
         _check(self.sync.true_every == 0, "sync.true_every",
                "true-gradient rounds need the gradient from the future segments, which truncated BPTT never "
                "computes: set sync.true_every=0 (log.grad_every measures the synthesizer against its target)")
@@ -623,7 +651,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 def _derive(cfg: Config) -> Config:
     """Fill the settings whose defaults follow from others (the run directory's config.yaml then
     holds them): an LSTM's data windows default to its truncation window."""
-    if cfg.model.kind == "lstm" and cfg.data.context is None and cfg.data.name == "text":
+    if cfg.model.kind == "lstm" and cfg.data.context is None and cfg.data.name in ("text", "copy"):
         cfg.data.context = cfg.model.bptt
     return cfg
 

@@ -25,13 +25,14 @@ class EvalSums:
     """Running sums of one evaluation pass.
 
     Args:
-        loss_fn: the run's loss, a batch mean; the pass's loss is its example-weighted mean.
+        loss_fn: the run's loss, a batch mean; the pass's loss is the mean over its examples (over
+            the labelled positions, for class labels per position).
     """
 
     def __init__(self, loss_fn: LossFn) -> None:
         self.loss_fn = loss_fn
         self.loss_sum = 0.0
-        self.examples = 0
+        self.weight = 0  # what the loss is averaged over: examples, or labelled positions (per-token labels)
         self.correct = 0
         self.labelled = 0  # integer labels other than -1: what accuracy is over
 
@@ -43,18 +44,20 @@ class EvalSums:
         n = int(labels.shape[0])
         if n == 0:
             return
-        self.loss_sum += float(self.loss_fn(output, labels).item()) * n
-        self.examples += n
+        weight = n  # the loss is a mean over examples, or over the labelled positions of class labels
         if not labels.is_floating_point() and output.dim() == labels.dim() + 1:
             mask = labels != IGNORE
+            weight = int(mask.sum().item())
             self.correct += int((output.argmax(-1) == labels)[mask].sum().item())
-            self.labelled += int(mask.sum().item())
+            self.labelled += weight
+        self.loss_sum += float(self.loss_fn(output, labels).item()) * weight
+        self.weight += weight
 
     def result(self) -> dict[str, float]:
         """``{"loss": ..., "accuracy": ...}``; accuracy only for class labels; empty for no examples."""
-        if self.examples == 0:
+        if self.weight == 0:
             return {}
-        out = {"loss": self.loss_sum / self.examples}
+        out = {"loss": self.loss_sum / self.weight}
         if self.labelled:
             out["accuracy"] = self.correct / self.labelled
         return out

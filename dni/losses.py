@@ -22,8 +22,11 @@ IGNORE = -1
 
 def cross_entropy(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the classes on the LAST dimension of ``output`` (B, ..., C) and integer
-    ``labels`` (B, ...), e.g. one label per token; labels of -1 are ignored."""
-    return F.cross_entropy(output.reshape(-1, output.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+    ``labels`` (B, ...), e.g. one label per token: the mean over the labels that are not -1 (ignored),
+    and 0, with zero gradients, when every label is (a segment of a copy task with nothing to output)."""
+    flat = labels.reshape(-1)
+    total = F.cross_entropy(output.reshape(-1, output.shape[-1]), flat, ignore_index=IGNORE, reduction="sum")
+    return total / (flat != IGNORE).sum().clamp(min=1)  # no host sync: the count stays on the device
 
 
 def mse(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

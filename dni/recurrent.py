@@ -10,6 +10,8 @@ backpropagates its loss and g^ together, so it learns from beyond its window. Th
 reaches the segment's initial state, dL/ds_0 (its own loss plus the bootstrapped g^ at its end),
 is the target of the previous boundary's prediction M(s_0): the same bootstrapped target that a
 layer-decoupled stage gets from the stage above (:mod:`dni.rules`), here from the next segment.
+With ``synthesizer.discount`` gamma < 1 the segment backpropagates gamma g^ instead, so M predicts
+the gradient of the discounted future (TD learning's discount).
 
 The one stage is a :class:`~dni.stage.DecoupledStage` (its optimisers, schedule, stochastic
 updates, fit gate and checkpoints are the layer-decoupled stages'); :class:`RecurrentPipeline`
@@ -76,14 +78,16 @@ class RecurrentPipeline:
         stage: the stage; its module is an :class:`LSTMLanguageModel`, its synthesizer (or None for
             plain truncated BPTT) models the flattened state.
         steps_per_epoch: segments per stream per epoch; the state restarts at zero when an epoch starts.
+        discount: gamma, the weight of g^ at the end of a segment, in the update and in the target it
+            bootstraps (``synthesizer.discount``; 1: the paper's).
     """
 
-    def __init__(self, stage: DecoupledStage, *, steps_per_epoch: int) -> None:
+    def __init__(self, stage: DecoupledStage, *, steps_per_epoch: int, discount: float = 1.0) -> None:
         if not isinstance(stage.module, LSTMLanguageModel):
             raise ValueError("a recurrent pipeline's stage is an LSTMLanguageModel")
         self.stages = [stage]
         self.model: LSTMLanguageModel = stage.module
-        self.steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch, self.discount = steps_per_epoch, discount
         self.delay = 0
         self._state: State | None = None  # carried into the next segment (detached)
         self._boundary: torch.Tensor | None = None  # the flattened state the last g^ was made for
@@ -120,7 +124,7 @@ class RecurrentPipeline:
         if stage.synthesizer is not None:
             synthetic = self._finite(rules.synthetic_gradient(stage.synthesizer, s_end, None), "synthetic gradient")
             outputs.append(s_end)
-            grads.append(synthetic)
+            grads.append(self.discount * synthetic)
         torch.autograd.backward(outputs, grads)
         result = StepResult(loss=loss.item(), updated=[False])
         if self._boundary is not None and stage.synthesizer is not None:

@@ -154,7 +154,7 @@ class Trainer:
         self.logger = MetricsLogger([
             JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed),
             TensorBoardSink(self.run_dir, resume_step=resumed),
-        ], per_char=self.cfg.data.name == "text")
+        ], per_char=self.cfg.data.per_char)
         try:
             self._loop()
             summary = self._summary()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from dni.config import ConfigError
 from dni.data.cifar import load_cifar10
+from dni.data.copy_task import load_copy
 from dni.data.custom import load_custom
 from dni.data.dataset import ArrayDataset, DataError, Splits, split_validation
 from dni.data.idx import load_idx_folder
@@ -72,8 +73,8 @@ def _custom(path: Path, *, download: bool, log: Log | None, factory: str | None)
 DATASETS: dict[str, Loader] = {"mnist": _mnist, "cifar10": _cifar10, "idx": _idx, "custom": _custom}
 
 #: Names accepted by :func:`load_dataset` (the same as ``dni.config.DATASETS``): the loaders above,
-#: and ``text``, which splits one file itself (:mod:`dni.data.text`).
-DATASET_NAMES: tuple[str, ...] = (*DATASETS, "text")
+#: ``text``, which splits one file itself (:mod:`dni.data.text`), and ``copy``, generated (:mod:`dni.data.copy_task`).
+DATASET_NAMES: tuple[str, ...] = (*DATASETS, "text", "copy")
 
 
 def load_dataset(
@@ -125,6 +126,9 @@ def load_dataset(
     if factory is not None and name != "custom":
         raise ConfigError(f"data.factory: only for data.name=custom (got {name!r}); remove it "
                           "or set data.name=custom")
+    if name == "copy":
+        raise DataError("data.name=copy is generated from data.length, data.repeats and data.episodes: "
+                        "load it with load_splits(cfg.data, seed=...)")
     if name == "text":
         return load_text(Path(path), context=context, stride=stride, val_size=val_size, download=download, log=log)
     parts = DATASETS[name](Path(path), download=download, log=log, factory=factory)
@@ -148,6 +152,10 @@ def load_splits(
     Raises:
         DataError, ConfigError: as :func:`load_dataset`.
     """
+    if cfg.name == "copy":
+        assert cfg.length is not None  # validated
+        return load_copy(length=cfg.length, repeats=cfg.repeats, episodes_train=cfg.episodes, val_size=cfg.val_size,
+                         context=cfg.text_context, seed=seed)
     return load_dataset(
         cfg.name,
         cfg.path,
