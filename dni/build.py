@@ -37,6 +37,7 @@ def stage_options(cfg: Config, total_steps: int) -> StageOptions:
         gate=cfg.synthesizer.gate,
         schedule=t.schedule,
         total_steps=total_steps,
+        warmup=t.warmup,
     )
 
 

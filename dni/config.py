@@ -208,6 +208,8 @@ class TrainConfig:
     """Nesterov momentum for SGD (needs train.momentum > 0)."""
     schedule: str = "cosine"
     """Learning-rate schedule of stages and synthesizers: constant, cosine (to 0) or step (/10 at 60% and 80%)."""
+    warmup: int = 0
+    """Steps of linear learning-rate warm-up from 0 before the schedule (nanoGPT: 100)."""
     weight_decay: float = 0.0
     eval_every: int = 1
     """Evaluate on validation and test every this many epochs (the last epoch always)."""
@@ -233,6 +235,7 @@ class TrainConfig:
         _check(not self.nesterov or self.momentum > 0, "train.nesterov", "needs train.momentum > 0, e.g. 0.9")
         _check(self.eval_every >= 1, "train.eval_every", f"must be >= 1 (got {self.eval_every})")
         _check(self.eval_steps >= 0, "train.eval_steps", f"must be >= 0 (got {self.eval_steps})")
+        _check(self.warmup >= 0, "train.warmup", f"must be >= 0 (got {self.warmup})")
         _one_of(self.nonfinite, NONFINITE_POLICIES, "train.nonfinite")
 
 

@@ -65,14 +65,19 @@ class StageOptions:
     (:mod:`dni.fit`); ``none``: the paper's full step."""
     schedule: str = "constant"
     total_steps: int = 1
+    warmup: int = 0
+    """Steps of linear warm-up before the schedule (see :func:`lr_factor`)."""
 
 
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+def lr_factor(schedule: str, step: int, total_steps: int, warmup: int = 0) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``.
 
     constant: 1; cosine: half a cosine from 1 to 0; step: 1, then /10 at 60% and /100 at 80%
-    (the paper's /10 at 300k and 400k of 500k iterations).
+    (the paper's /10 at 300k and 400k of 500k iterations). With ``warmup``, the first ``warmup``
+    steps scale that by (step + 1) / warmup.
     """
+    if step < warmup:
+        return (step + 1) / warmup * lr_factor(schedule, step, total_steps)
     frac = min(step / max(total_steps, 1), 1.0)
     if schedule == "constant":
         return 1.0
@@ -250,7 +255,7 @@ class DecoupledStage:
     @property
     def lr_scale(self) -> float:
         """The schedule's factor at the current step."""
-        return lr_factor(self.options.schedule, self.steps_done, self.options.total_steps)
+        return lr_factor(self.options.schedule, self.steps_done, self.options.total_steps, self.options.warmup)
 
     @property
     def lr(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from conftest import all_finite, losses, metric_rows, random_splits, tiny_config
 from dni.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, save_checkpoint
-from dni.config import Config
+from dni.config import Config, ConfigError
 from dni.run import Interrupted, create_run_dir
 from dni.trainer import Trainer
 
@@ -190,3 +191,16 @@ def test_nonfinite_reset_policy_restarts_a_spoilt_synthesizer(tmp_path: Path) ->
     rows = metric_rows(t.run_dir)
     assert [r["step"] for r in rows if r.get("nonfinite/stage_1")] == [1]
     assert all(torch.isfinite(q).all() for q in params(t))
+
+
+def test_the_learning_rate_schedules_and_their_warm_up() -> None:
+    from dni.stage import lr_factor
+
+    assert [lr_factor("constant", s, 10) for s in (0, 9)] == [1.0, 1.0]
+    assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert [lr_factor("step", s, 10) for s in (5, 6, 8)] == [1.0, 0.1, 0.01]
+    # Warm-up: linear from 1/warmup at step 0 to the schedule's value at step warmup - 1, then the schedule.
+    assert [lr_factor("constant", s, 10, warmup=4) for s in (0, 1, 3, 4)] == [0.25, 0.5, 1.0, 1.0]
+    assert lr_factor("cosine", 1, 10, warmup=4) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.1)))
+    with pytest.raises(ConfigError, match=r"train\.warmup: must be >= 0"):
+        tiny_config(train={"warmup": -1})
