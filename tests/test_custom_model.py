@@ -18,7 +18,7 @@ from dni.data.spec import DataSpec
 from dni.models import MODELS, build_stages
 from dni.run import create_run_dir
 from dni.trainer import Trainer
-from test_pipeline import OracleSynthesizer, batch, captured_grads
+from test_pipeline import assert_oracles_give_backprop, batch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESMLP = f"{ROOT / 'configs' / 'models' / 'resmlp.py'}:small"
@@ -100,22 +100,10 @@ def test_a_bad_factory_from_the_cli_is_one_line_and_exit_2(tmp_path: Path, idx_f
 
 def test_oracle_synthesizers_make_a_residual_layernorm_model_equal_backprop() -> None:
     x, y = batch(torch.device("cpu"))
-    data = DataSpec((1, 4, 4), 3)
-    decoupled = build_pipeline(tiny_config(method="dni", **custom()), data, total_steps=10, device=torch.device("cpu"))
-    reference = build_pipeline(tiny_config(method="backprop", **custom()), data, total_steps=10,
-                               device=torch.device("cpu"))
-    _, true_grads = decoupled.true_gradients(x, y)
-    for stage, g in zip(decoupled.stages, true_grads):
-        oracle = OracleSynthesizer()
-        oracle.true_grad = g
-        stage.synthesizer = oracle
-    got, want = captured_grads(decoupled), captured_grads(reference)
-    decoupled.train_step(x, y)
-    reference.train_step(x, y)
-    for g_stage, w_stage in zip(got, want):
-        assert g_stage.keys() == w_stage.keys() and g_stage
-        for name in w_stage:
-            torch.testing.assert_close(g_stage[name], w_stage[name], rtol=1e-5, atol=1e-7)
+    data, cpu = DataSpec((1, 4, 4), 3), torch.device("cpu")
+    assert_oracles_give_backprop(build_pipeline(tiny_config(method="dni", **custom()), data, total_steps=10, device=cpu),
+                                 build_pipeline(tiny_config(method="backprop", **custom()), data, total_steps=10, device=cpu),
+                                 x, y)
 
 
 def train_custom_from_yaml(idx_folder: str, log_dir: Path, *extra: str) -> dict:

@@ -16,7 +16,7 @@ from dni.config import ConfigError
 from dni.data.spec import DataSpec
 from dni.models import activation_shapes, build_stages
 from dni.synthesizer import TokenSynthesizer
-from test_pipeline import OracleSynthesizer, captured_grads
+from test_pipeline import assert_oracles_give_backprop
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, CONTEXT = 7, 8
@@ -67,20 +67,9 @@ def test_a_gpt_needs_token_sequences_and_heads_that_divide_the_width() -> None:
 def test_oracle_synthesizers_make_the_cut_gpt_equal_backprop() -> None:
     x, y = token_batch()
     cpu = torch.device("cpu")
-    decoupled = build_pipeline(tiny_config(method="dni", **gpt()), TOKENS, total_steps=10, device=cpu)
-    reference = build_pipeline(tiny_config(method="backprop", **gpt()), TOKENS, total_steps=10, device=cpu)
-    _, true_grads = decoupled.true_gradients(x, y)
-    for stage, g in zip(decoupled.stages, true_grads):
-        oracle = OracleSynthesizer()
-        oracle.true_grad = g
-        stage.synthesizer = oracle
-    got, want = captured_grads(decoupled), captured_grads(reference)
-    decoupled.train_step(x, y)
-    reference.train_step(x, y)
-    for g_stage, w_stage in zip(got, want):
-        assert g_stage.keys() == w_stage.keys() and g_stage
-        for name in w_stage:
-            torch.testing.assert_close(g_stage[name], w_stage[name], rtol=1e-5, atol=1e-7)
+    assert_oracles_give_backprop(build_pipeline(tiny_config(method="dni", **gpt()), TOKENS, total_steps=10, device=cpu),
+                                 build_pipeline(tiny_config(method="backprop", **gpt()), TOKENS, total_steps=10, device=cpu),
+                                 x, y)
 
 
 def test_cdni_conditions_each_positions_synthesizer_on_its_next_character() -> None:
