@@ -154,3 +154,12 @@ def test_compare_reports_bits_per_char_against_backprop_for_a_language_model(tmp
     cdni = summaries["cdni"]["test_bits_per_char"] - summaries["backprop"]["test_bits_per_char"]
     assert "| method | test bits/char | vs baseline |" in table and f"| {cdni:+.3f} |" in table
     assert (tmp_path / "cmp" / "learning_curves.png").stat().st_size > 10_000
+
+
+def test_a_comparison_takes_ray_summaries_which_time_whole_runs() -> None:
+    from dni.compare import markdown_table
+
+    local = {"test_error": 0.1, "test_accuracy": 0.9, "steps": 10, "seconds_per_step": 0.1, "wall_seconds": 3.0}
+    ray = {"test_error": 0.2, "test_accuracy": 0.8, "steps": 10, "wall_seconds": 2.0}  # the coordinator's summary
+    table = markdown_table({"backprop": local, "cdni": ray})
+    assert "| cdni | 20.00 | 0.8000 | 10 | 200.0 ms | 2.00x |" in table
