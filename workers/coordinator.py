@@ -296,7 +296,7 @@ class Coordinator:
         resumed = self.start_step or None
         self.logger = MetricsLogger([JsonlSink(self.run_dir / METRICS_FILE, resume_step=resumed),
                                      TensorBoardSink(self.run_dir, resume_step=resumed)],
-                                    per_char=self.cfg.data.name == "text")
+                                    per_char=self.cfg.data.per_char)
         try:
             if not self.actors:
                 self.start()
