@@ -25,8 +25,9 @@ def cross_entropy(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ``labels`` (B, ...), e.g. one label per token: the mean over the labels that are not -1 (ignored),
     and 0, with zero gradients, when every label is (a segment of a copy task with nothing to output)."""
     flat = labels.reshape(-1)
-    total = F.cross_entropy(output.reshape(-1, output.shape[-1]), flat, ignore_index=IGNORE, reduction="sum")
-    return total / (flat != IGNORE).sum().clamp(min=1)  # no host sync: the count stays on the device
+    if not bool((flat != IGNORE).any()):  # torch's mean over no labels is NaN
+        return output.sum() * 0.0
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), flat, ignore_index=IGNORE)
 
 
 def mse(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
