@@ -654,7 +654,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 def _derive(cfg: Config) -> Config:
     """Fill the settings whose defaults follow from others (the run directory's config.yaml then
     holds them): an LSTM's data windows default to its truncation window."""
-    if cfg.model.kind == "lstm" and cfg.data.context is None and cfg.data.name in ("text", "copy"):
+    if cfg.model.kind == "lstm" and cfg.data.context is None and cfg.data.per_char:
         cfg.data.context = cfg.model.bptt
     return cfg
 

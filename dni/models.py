@@ -138,11 +138,16 @@ def _cnn(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: in
     return _per_stage(cnn_layers((c, h, w), num_classes, depth=cfg.depth, channels=cfg.channels), cfg.boundaries, seed)
 
 
+def _check_token_ids(in_shape: tuple[int, ...], model: str, what: str) -> None:
+    """Raise ConfigError unless the inputs are one token sequence, (T,), per example."""
+    if len(in_shape) != 1:
+        raise ConfigError(f"model.kind: {model} reads token ids, one {what} (T,) per example, got inputs of "
+                          f"shape {in_shape}; use data.name=text")
+
+
 @register_model("gpt")
 def _gpt(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> list[nn.Module]:
-    if len(in_shape) != 1:
-        raise ConfigError(f"model.kind: a GPT reads token ids, one sequence (T,) per example, got inputs of "
-                          f"shape {in_shape}; use data.name=text")
+    _check_token_ids(in_shape, "a GPT", "sequence")
     builders: list[LayerBuilder] = [partial(gpt_layer, i, vocab=num_classes, context=in_shape[0], depth=cfg.depth, width=cfg.width,
                         heads=cfg.heads) for i in range(cfg.depth + 1)]
     return _per_stage(builders, cfg.boundaries, seed)
@@ -150,9 +155,7 @@ def _gpt(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: in
 
 @register_model("lstm")
 def _lstm(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> list[nn.Module]:
-    if len(in_shape) != 1:
-        raise ConfigError(f"model.kind: an LSTM reads token ids, one segment (T,) per example, got inputs of "
-                          f"shape {in_shape}; use data.name=text")
+    _check_token_ids(in_shape, "an LSTM", "segment")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stage_seed(seed, 0))
         return [LSTMLanguageModel(num_classes, width=cfg.width, depth=cfg.depth)]

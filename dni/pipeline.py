@@ -177,6 +177,14 @@ class Pipeline:
         """Updates still owed to delayed stages (0 after :meth:`flush`)."""
         return sum(len(k) for k in self._kept)
 
+    def carried_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps besides the stages: nothing here (after :meth:`flush` nothing is in
+        flight); a recurrent pipeline's carried state (:mod:`dni.recurrent`)."""
+        return {}
+
+    def load_carried_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`carried_state`."""
+
     def _finish_rounds(self, rounds: dict[int, TrueRound], true_grad: torch.Tensor | None, result: StepResult) -> None:
         """Pass the true gradient from the top down through every stage's round."""
         for i in range(len(self.stages) - 2, -1, -1):

@@ -28,7 +28,7 @@ from torch import nn
 from dni import rules
 from dni.evaluation import EvalSums
 from dni.pipeline import StepResult
-from dni.stage import DecoupledStage, NonFiniteError
+from dni.stage import DecoupledStage, NonFiniteError, check_finite
 
 State = tuple[torch.Tensor, torch.Tensor]
 """An LSTM's (h, c), each (layers, B, width)."""
@@ -147,11 +147,13 @@ class RecurrentPipeline:
         return {"sg/cosine/stage_0": cosine, "sg/rel_error/stage_0": rel}
 
     def _finite(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        if not bool(torch.isfinite(t).all()):
-            self.stages[0].abandon()
+        """:func:`~dni.stage.check_finite`, and on a fault the streams start over (the carried state
+        may hold the fault)."""
+        try:
+            return check_finite(t, self.stages[0], what)
+        except NonFiniteError:
             self._state, self._boundary = None, None
-            raise NonFiniteError(0, what)
-        return t
+            raise
 
     def flush(self) -> None:
         """Nothing is owed: each segment's update is applied in its step."""

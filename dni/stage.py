@@ -40,7 +40,9 @@ class NonFiniteError(RunError):
         return (NonFiniteError, (self.stage, self.what, str(self)))
 
 
-def _finite(t: torch.Tensor, stage: "DecoupledStage", what: str) -> torch.Tensor:
+def check_finite(t: torch.Tensor, stage: "DecoupledStage", what: str) -> torch.Tensor:
+    """``t``, once every value is finite; else ``stage`` drops its pending batch and NonFiniteError says
+    where (``what``: activation, loss, ...)."""
     if not bool(torch.isfinite(t).all()):
         stage.abandon()
         raise NonFiniteError(stage.index, what)
@@ -161,14 +163,14 @@ class DecoupledStage:
         self._buffers = [b.detach().clone() for b in self.module.buffers()]
         self._input = x.detach().requires_grad_(self.index > 0)
         self._output = self.module(self._input)
-        return _finite(self._output, self, "activation").detach()
+        return check_finite(self._output, self, "activation").detach()
 
     def forward_only(self, x: torch.Tensor) -> torch.Tensor:
         """The output now, without keeping a graph: the delayed rule's forward (the update replays
         it, :meth:`replay_backward`) and a frozen stage's. BatchNorm statistics move as usual."""
         with torch.no_grad():
             h = self.module(x)
-        return _finite(h, self, "activation")
+        return check_finite(h, self, "activation")
 
     def replay_backward(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
         """The delayed rule's backward: run the stage again on the kept input ``x`` at its current
@@ -194,7 +196,7 @@ class DecoupledStage:
         """g^ for the output of the last :meth:`forward` (see :func:`dni.rules.synthetic_gradient`)."""
         if self.synthesizer is None or self._output is None:
             raise RuntimeError(f"stage {self.index} has no synthesizer or no pending forward")
-        return _finite(rules.synthetic_gradient(self.synthesizer, self._output, self.context(labels)), self,
+        return check_finite(rules.synthetic_gradient(self.synthesizer, self._output, self.context(labels)), self,
                        "synthetic gradient")
 
     # -- backward ----------------------------------------------------------------
@@ -204,7 +206,7 @@ class DecoupledStage:
             raise RuntimeError(f"stage {self.index}: backward before forward")
         target = rules.backward_from(self._output, grad, self._input if self.index > 0 else None)
         self._output = self._input = None  # free the graph
-        return _finite(target, self, "gradient target") if target is not None else None
+        return check_finite(target, self, "gradient target") if target is not None else None
 
     def loss_backward(self, labels: torch.Tensor) -> tuple[float, torch.Tensor | None]:
         """Last stage: the loss of the pending output, backpropagated.
@@ -214,10 +216,10 @@ class DecoupledStage:
         """
         if not self.is_last or self._output is None:
             raise RuntimeError(f"stage {self.index} is not the last stage or has no pending forward")
-        loss = _finite(self.loss_fn(self._output, labels), self, "loss")
+        loss = check_finite(self.loss_fn(self._output, labels), self, "loss")
         target = rules.loss_backward(loss, self._input if self.index > 0 else None)
         self._output = self._input = None
-        return loss.item(), _finite(target, self, "gradient target") if target is not None else None
+        return loss.item(), check_finite(target, self, "gradient target") if target is not None else None
 
     def abandon(self) -> None:
         """Drop the pending batch: its graph, any gradients it left and what its forward did to

@@ -113,7 +113,7 @@ class Trainer:
         return {
             "config": self.cfg.to_dict(),
             "stages": [s.state_dict() for s in self.pipeline.stages],
-            "carried": self.pipeline.carried_state() if isinstance(self.pipeline, RecurrentPipeline) else {},
+            "carried": self.pipeline.carried_state(),
             "elapsed": self.elapsed,
             "step_seconds": self.step_seconds,
             "eval_seconds": self.eval_seconds,
@@ -129,8 +129,7 @@ class Trainer:
         state = load_latest(self.run_dir / CHECKPOINTS)
         for stage, s in zip(self.pipeline.stages, state["stages"], strict=True):
             stage.load_state_dict(s)
-        if isinstance(self.pipeline, RecurrentPipeline):
-            self.pipeline.load_carried_state(state.get("carried", {}))
+        self.pipeline.load_carried_state(state.get("carried", {}))
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.step_seconds = float(state["step_seconds"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -128,3 +128,22 @@ def train_locally(cfg: Config) -> tuple[Path, dict[str, Any]]:
         return run_dir, Trainer(cfg, run_dir).fit()
     finally:
         torch.set_num_threads(threads)
+
+
+def crash_and_resume(cfg: Config, splits: Callable[[], Splits], *, at: int) -> tuple[Any, Any]:
+    """Train ``cfg`` in a new run directory until a KeyboardInterrupt at step ``at`` (a killed
+    process), then resume that directory from its newest checkpoint in a new trainer; returns
+    (the interrupted trainer, the resumed one, not yet fitted). ``splits`` gives each its data."""
+    from dni.run import create_run_dir
+    from dni.trainer import Trainer
+
+    def crash(step: int, total: int, latest: dict) -> None:
+        if step == at:
+            raise KeyboardInterrupt
+
+    interrupted = Trainer(cfg, create_run_dir(cfg), splits=splits(), progress=crash)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    resumed = Trainer(cfg, interrupted.run_dir, splits=splits())
+    resumed.resume()
+    return interrupted, resumed

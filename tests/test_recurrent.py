@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import losses, tiny_config
+from conftest import crash_and_resume, losses, tiny_config
 from dni.build import recurrent_pipeline
 from dni.config import ConfigError
 from dni.data import ArrayDataset, Splits
@@ -183,15 +183,7 @@ def test_a_dni_lstm_learns_a_pattern_measures_its_synthesizer_and_resumes_exactl
     summary = full.fit()
     assert summary["test_accuracy"] > 0.95, summary  # the pattern, once the state knows the phase
     assert "sg/cosine/stage_0" in full.logger.latest  # type: ignore[union-attr]
-
-    def crash(step: int, total: int, latest: dict) -> None:
-        if step == 50:  # after the checkpoint of step 40, mid-epoch (32 steps per epoch)
-            raise KeyboardInterrupt
-
-    interrupted = Trainer(cfg, create_run_dir(cfg), splits=text_splits(), progress=crash)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    resumed = Trainer(cfg, interrupted.run_dir, splits=text_splits())
-    resumed.resume()
+    # after the checkpoint of step 40, mid-epoch (32 steps per epoch)
+    interrupted, resumed = crash_and_resume(cfg, text_splits, at=50)
     assert resumed.step == 40 and resumed.fit()["test_accuracy"] == summary["test_accuracy"]
     assert losses(interrupted.run_dir) == losses(full.run_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import all_finite, losses, metric_rows, random_splits, tiny_config
+from conftest import all_finite, crash_and_resume, losses, metric_rows, random_splits, tiny_config
 from dni.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, save_checkpoint
 from dni.config import Config, ConfigError
 from dni.run import Interrupted, create_run_dir
@@ -42,16 +42,8 @@ def test_same_seed_gives_identical_runs(method: str, tmp_path: Path) -> None:
 def test_resume_after_an_interruption_continues_exactly(tmp_path: Path) -> None:
     cfg = tiny_config(log={"dir": str(tmp_path)}, train={"epochs": 3}, synthesizer={"p_update": 0.7}, checkpoint={"every": 4})
     full, full_summary = run(cfg, tmp_path)
-
-    def crash(step: int, total: int, latest: dict) -> None:
-        if step == 10:  # killed mid-epoch (6 steps per epoch), after the checkpoint of step 8
-            raise KeyboardInterrupt
-
-    interrupted = Trainer(cfg, create_run_dir(cfg), splits=random_splits(), progress=crash)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    resumed = Trainer(cfg, interrupted.run_dir, splits=random_splits())
-    resumed.resume()
+    # killed mid-epoch (6 steps per epoch), after the checkpoint of step 8
+    interrupted, resumed = crash_and_resume(cfg, random_splits, at=10)
     assert resumed.step == 8
     summary = resumed.fit()
     assert summary["steps"] == full_summary["steps"] == 18
