@@ -6,6 +6,8 @@ single-process trainer and a worker that owns one stage build identical stages.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dni.config import Config, ConfigError
@@ -17,6 +19,7 @@ from dni.pipeline import Pipeline
 from dni.recurrent import LSTMLanguageModel, RecurrentPipeline
 from dni.stage import DecoupledStage, StageOptions
 from dni.synthesizer import Synthesizer, make_synthesizer
+from dni.unlock import InputModel, InputSynthesizer
 
 
 def stage_options(cfg: Config, total_steps: int) -> StageOptions:
@@ -72,15 +75,38 @@ def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...]
         )
 
 
-def decoupled_stage(cfg: Config, module: torch.nn.Module, index: int, *, data: DataSpec, output_shape: tuple[int, ...],
-                    num_stages: int, total_steps: int, device: torch.device) -> DecoupledStage:
-    """``module`` as stage ``index`` of ``num_stages``, with its synthesizer and optimisers, on ``device``."""
+def build_input_model(cfg: Config, index: int, input_shape: tuple[int, ...], data: DataSpec,
+                      device: torch.device) -> InputModel | None:
+    """Stage ``index``'s input model under complete unlock (``synthesizer.unlock``), else None. Seeded per stage.
+
+    Raises:
+        ConfigError: data whose raw batch is not floating point (token ids): an MLP cannot read it.
+    """
+    if not cfg.synthesizer.unlock or index == 0:
+        return None
+    if not data.in_dtype.is_floating_point:
+        raise ConfigError(f"synthesizer.unlock predicts each stage's input from the raw batch with an MLP, which "
+                          f"needs floating-point inputs (this data's are {data.in_dtype}); remove synthesizer.unlock")
+    s = cfg.synthesizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stage_seed(cfg.seed, index) + 2)
+        net = InputSynthesizer(math.prod(data.in_shape), input_shape, hidden_layers=s.input_hidden_layers,
+                               hidden_width=s.input_width).to(device)
+    return InputModel(net, lr=s.lr if s.input_lr is None else s.input_lr, optimizer=stage_options(cfg, 1).synth_optimizer)
+
+
+def decoupled_stage(cfg: Config, module: torch.nn.Module, index: int, *, data: DataSpec, input_shape: tuple[int, ...],
+                    output_shape: tuple[int, ...], num_stages: int, total_steps: int,
+                    device: torch.device) -> DecoupledStage:
+    """``module`` as stage ``index`` of ``num_stages`` (per-example input and output shapes given), with
+    its synthesizer, its input model under complete unlock and their optimisers, on ``device``."""
     is_last = index == num_stages - 1
     synth = None if is_last else build_synthesizer(cfg, index, output_shape, data)
     return DecoupledStage(
         index, module.to(device), synth.to(device) if synth is not None else None, is_last=is_last,
         options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss),
         delayed=cfg.method == "delayed" and not is_last, frozen=cfg.method == "nobprop" and not is_last,
+        unlock=build_input_model(cfg, index, input_shape, data, device),
     )
 
 
@@ -112,7 +138,8 @@ def build_pipeline(cfg: Config, data: DataSpec, *, total_steps: int, device: tor
     models; a recurrent one is :func:`recurrent_pipeline`)."""
     modules, shapes = model_stages(cfg, data)
     stages = [
-        decoupled_stage(cfg, m, i, data=data, output_shape=shapes[i], num_stages=len(modules),
+        decoupled_stage(cfg, m, i, data=data, input_shape=input_shape(data, shapes, i), output_shape=shapes[i],
+                        num_stages=len(modules),
                         total_steps=total_steps, device=device)
         for i, m in enumerate(modules)
     ]
@@ -129,6 +156,11 @@ def recurrent_pipeline(cfg: Config, data: DataSpec, *, total_steps: int, device:
     stage = DecoupledStage(0, module.to(device), synth.to(device) if synth is not None else None, is_last=False,
                            options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss))
     return RecurrentPipeline(stage, steps_per_epoch=steps_per_epoch, discount=cfg.synthesizer.discount)
+
+
+def input_shape(data: DataSpec, shapes: list[tuple[int, ...]], index: int) -> tuple[int, ...]:
+    """Stage ``index``'s per-example input shape: the data's, or the output of the stage below."""
+    return data.in_shape if index == 0 else shapes[index - 1]
 
 
 def delay(cfg: Config) -> int:

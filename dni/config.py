@@ -276,6 +276,16 @@ class SynthesizerConfig:
     """none: a stage steps at its full learning rate on its synthetic gradient (the paper);
     fit: the step is scaled by the fraction of its targets the synthesizer explains (1 - its loss /
     the loss of predicting zero, moving averages), so a stage waits while its synthesizer is uninformative."""
+    unlock: bool = False
+    """Complete unlock (paper section 3.3, :mod:`dni.unlock`): every stage above the first trains on a
+    synthetic input, predicted from the raw batch by its own input model, so it waits for neither
+    neighbour; false: update unlock only (a stage runs forward on the activation it receives)."""
+    input_hidden_layers: int = 2
+    """``unlock`` only: ReLU hidden layers of each input model."""
+    input_width: int = 256
+    """``unlock`` only: units per hidden layer of each input model."""
+    input_lr: float | None = None
+    """``unlock`` only: learning rate of the input models; null: ``synthesizer.lr``."""
 
     def validate(self) -> None:
         _check(
@@ -294,6 +304,14 @@ class SynthesizerConfig:
         _one_of(self.kind, SYNTHESIZER_KINDS, "synthesizer.kind")
         _check(self.gate == "none" or self.bp_lambda == 0, "synthesizer.gate",
                "scales the steps of update-unlocked stages, and synthesizer.bp_lambda > 0 locks them; use one of the two")
+        _check(self.input_hidden_layers >= 0, "synthesizer.input_hidden_layers",
+               f"must be >= 0 (got {self.input_hidden_layers})")
+        _check(self.input_width >= 1, "synthesizer.input_width", f"must be >= 1 (got {self.input_width})")
+        _check(self.input_lr is None or self.input_lr > 0, "synthesizer.input_lr",
+               f"must be > 0 or null (got {self.input_lr})")
+        _check(not self.unlock or self.bp_lambda == 0, "synthesizer.unlock",
+               "trains every stage without waiting for its neighbours, and synthesizer.bp_lambda > 0 makes each "
+               "wait for the gradient from above; use one of the two")
 
 
 @dataclass
@@ -489,6 +507,8 @@ class Config:
         for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync,
                         self.bench):
             section.validate()
+        if self.synthesizer.unlock:
+            self._check_unlock()
         if self.model.kind != "custom":  # a custom model's stages are counted when its factory runs
             n = len(self.model.boundaries) + 1 if self.model.boundaries is not None else self.model.depth + 1
             _check(
@@ -522,6 +542,20 @@ class Config:
         _check(self.sync.true_every == 0, "sync.true_every",
                "true-gradient rounds need the gradient from the future segments, which truncated BPTT never "
                "computes: set sync.true_every=0 (log.grad_every measures the synthesizer against its target)")
+
+    def _check_unlock(self) -> None:
+        """What complete unlock (synthesizer.unlock) needs: synthetic gradients, and no true rounds."""
+        _check(self.method in ("dni", "cdni"), "synthesizer.unlock",
+               f"trains each stage on synthetic inputs and synthetic gradients: it needs method dni or cdni "
+               f"(got {self.method})")
+        _check(self.model.kind != "lstm", "synthesizer.unlock",
+               "is for a network cut into stages; an LSTM is one stage: remove it")
+        _check(self.sync.true_every == 0 and self.log.grad_every == 0, "sync.true_every",
+               "true-gradient rounds follow the real chain, which complete unlock does not train on: set "
+               "sync.true_every=0 and log.grad_every=0 with synthesizer.unlock")
+        _check(all(spec.replicas == 1 for spec in self.stages), "stages",
+               "replicas average their stages but not their input models: with synthesizer.unlock give every "
+               "stage one replica")
 
     def replicas(self, stage: int) -> int:
         """Replicas of stage ``stage`` (1 unless ``stages`` says otherwise)."""

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dni.build import decoupled_stage
+from dni.build import decoupled_stage, input_shape
 from dni.config import Config, ConfigError
 from dni.data.spec import DataSpec
 from dni.losses import LossFn
@@ -77,7 +77,8 @@ def decouple(
         raise ConfigError("decouple: stages must be a non-empty list of torch.nn.Module, one per stage")
     data = DataSpec(tuple(in_shape), num_classes, in_dtype, tuple(label_shape), label_dtype)
     shapes = activation_shapes(modules, data.in_shape, dtype=in_dtype)
-    built = [decoupled_stage(cfg, m, i, data=data, output_shape=shapes[i], num_stages=len(modules),
+    built = [decoupled_stage(cfg, m, i, data=data, input_shape=input_shape(data, shapes, i), output_shape=shapes[i],
+                             num_stages=len(modules),
                              total_steps=total_steps, device=torch.device(device)) for i, m in enumerate(modules)]
     if callable(loss):
         built[-1].loss_fn = loss

@@ -14,6 +14,10 @@ only in how the tensors travel. The order within a step (paper section 3.1):
   5. a locked stage with a synthesizer trains it on the gradient from above at once; an
      unlocked one trains it when the target of h arrives (the caller's part).
 
+Complete unlock (:mod:`dni.unlock`) splits a stage's step in two: :func:`unlocked_step` on the
+synthetic input, before anything has arrived from below, and :func:`real_forward` once the real
+input has.
+
 A NaN or inf raises :class:`~dni.stage.NonFiniteError` before the stage updates;
 :func:`apply_nonfinite` is the run's policy for it (``train.nonfinite``).
 """
@@ -27,7 +31,7 @@ from typing import Callable
 import torch
 
 from dni import rules
-from dni.stage import DecoupledStage, NonFiniteError
+from dni.stage import DecoupledStage, NonFiniteError, preserved_buffers
 
 GradientFromAbove = Callable[[torch.Tensor], torch.Tensor]
 """Given h (detached), return dL/dh from the stages above (runs them, or waits for their message)."""
@@ -126,6 +130,34 @@ def train_step(stage: DecoupledStage, x: torch.Tensor, labels: torch.Tensor, *,
     if from_top is not None and stage.synthesizer is not None:
         synth_loss = stage.train_synthesizer(h, labels, from_top)
     return StageStep(h, synthetic, target, loss, updated, synth_loss)
+
+
+def unlocked_step(stage: DecoupledStage, batch: torch.Tensor, labels: torch.Tensor) -> StageStep:
+    """Complete unlock, the step: :func:`train_step` (update-unlocked, or the loss at the last stage) on
+    the synthetic input I(``batch``) of the raw batch. Its target is dL/d(synthetic input), for the
+    stage below; its h is the output on the synthetic input (the real one is :func:`real_forward`'s).
+    BatchNorm statistics are left as they were: the real chain sets them."""
+    if stage.unlock is None:
+        raise ValueError(f"stage {stage.index} has no input model (synthesizer.unlock)")
+    with preserved_buffers([stage.module]):
+        return train_step(stage, stage.unlock.predict(batch), labels)
+
+
+def real_forward(stage: DecoupledStage, batch: torch.Tensor, x: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Complete unlock, the real input ``x`` of the raw ``batch`` has arrived: fit the input model to
+    it and run the stage on it (no graph; BatchNorm statistics move).
+
+    Returns:
+        (the real output, detached; the input model's loss; at the last stage the loss of the real
+        output, else NaN).
+    """
+    if stage.unlock is None:
+        raise ValueError(f"stage {stage.index} has no input model (synthesizer.unlock)")
+    input_loss = stage.unlock.fit(batch, x, lr_scale=stage.lr_scale)
+    h = stage.forward_only(x)
+    loss = stage.loss_fn(h, labels).item() if stage.is_last else math.nan
+    return h, input_loss, loss
 
 
 def apply_nonfinite(policy: str, error: NonFiniteError, stage: DecoupledStage | None, *, step: int,

@@ -15,6 +15,9 @@ distributed worker makes. Stage by stage:
   ``runtime.max_in_flight = delay + 1`` batches in flight. ``delay = 0`` is backprop.
   :meth:`Pipeline.flush` applies the updates still owed (at checkpoints, as the runtime's
   workers drain there).
+* an **input-unlocked** stage (``synthesizer.unlock``, :mod:`dni.unlock`) takes its step on the
+  synthetic input that its input model predicts from the raw batch, then fits that model to
+  the real input and passes its real output on;
 * a **frozen** stage (``method: nobprop``, the paper's No-Bprop baseline) runs forward only
   and never learns; only the last stage trains, on the true loss.
 
@@ -25,19 +28,18 @@ it on that gradient and apply the ``correction`` (``sync.bp_lambda``).
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
-from torch import nn
 
 from dni import engine, rules
 from dni.engine import StageStep
 from dni.evaluation import EvalSums
-from dni.stage import DecoupledStage
+from dni.stage import DecoupledStage, preserved_buffers
 from dni.true_round import TrueRound, finish_round
 
 
@@ -51,20 +53,6 @@ class StepResult:
     updated: list[bool] = field(default_factory=list)
     scalars: dict[str, float] = field(default_factory=dict)
     """A true round's measurements (``sg/cosine/stage_i``, ...)."""
-
-
-@contextlib.contextmanager
-def preserved_buffers(modules: list[nn.Module]) -> Iterator[None]:
-    """Restore every buffer (BatchNorm running statistics) on exit: a side computation
-    in training mode must not change the model."""
-    saved = [[b.detach().clone() for b in m.buffers()] for m in modules]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, copies in zip(modules, saved):
-                for b, c in zip(m.buffers(), copies):
-                    b.copy_(c)
 
 
 class Pipeline:
@@ -91,6 +79,7 @@ class Pipeline:
         # once the stage above has produced them (oldest first).
         self._kept: list[deque[torch.Tensor]] = [deque() for _ in stages]
         self._owed: list[deque[torch.Tensor]] = [deque() for _ in stages]
+        self._batch = torch.empty(0)  # the raw batch of the step in progress
 
     @property
     def decoupled(self) -> bool:
@@ -104,6 +93,7 @@ class Pipeline:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, *, true_round: str | None = None) -> StepResult:
         """One step on the batch (x, y); ``true_round`` is None, ``"measure"`` or ``"train"``."""
         result = StepResult(loss=math.nan, updated=[False] * len(self.stages))
+        self._batch = x  # what an input-unlocked stage predicts its input from
         rounds: dict[int, TrueRound] = {}
         steps = self._run_from(0, x, y, result, rounds, true_round if self.decoupled else None)
         if rounds:
@@ -130,7 +120,10 @@ class Pipeline:
 
         tr = TrueRound.before_forward(stage, x, kind=true_round, bp_lambda=self.correction) if true_round else None
         locked = engine.is_locked(stage, self.bp_lambda)
-        step = engine.train_step(stage, x, y, from_above=from_above if locked else None, bp_lambda=self.bp_lambda)
+        if stage.unlock is not None:
+            step = self._unlocked_step(stage, x, y, result)
+        else:
+            step = engine.train_step(stage, x, y, from_above=from_above if locked else None, bp_lambda=self.bp_lambda)
         result.updated[i] = step.updated
         if stage.is_last:
             result.loss = step.loss
@@ -147,6 +140,16 @@ class Pipeline:
             assert target is not None
             result.synth_losses[i] = stage.train_synthesizer(step.h, y, target)
         return [step, *above]
+
+    def _unlocked_step(self, stage: DecoupledStage, x: torch.Tensor, y: torch.Tensor, result: StepResult) -> StageStep:
+        """Complete unlock: the step on the synthetic input, then the real input ``x``'s part; the
+        step's h (and loss, at the last stage) are the real chain's."""
+        step = engine.unlocked_step(stage, self._batch, y)
+        h, input_loss, loss = engine.real_forward(stage, self._batch, x, y)
+        result.scalars[f"unlock/input_loss/stage_{stage.index}"] = input_loss
+        if stage.is_last:
+            result.scalars["unlock/synthetic_input_loss"] = step.loss
+        return dataclasses.replace(step, h=h, loss=loss)
 
     def _run_delayed(self, i: int, x: torch.Tensor, y: torch.Tensor, result: StepResult,
                      rounds: dict[int, TrueRound], true_round: str | None) -> list[StageStep]:

@@ -10,8 +10,10 @@ activations (downstream) and gradient targets (upstream).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from dni.losses import LossFn, cross_entropy
 from dni.optim import OptimizerSpec
 from dni.run import RunError
 from dni.synthesizer import Synthesizer, reinitialise
+from dni.unlock import InputModel
 
 
 class NonFiniteError(RunError):
@@ -47,6 +50,20 @@ def check_finite(t: torch.Tensor, stage: "DecoupledStage", what: str) -> torch.T
         stage.abandon()
         raise NonFiniteError(stage.index, what)
     return t
+
+
+@contextlib.contextmanager
+def preserved_buffers(modules: list[nn.Module]) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics) on exit: a side computation
+    in training mode must not change the model."""
+    saved = [[b.detach().clone() for b in m.buffers()] for m in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, copies in zip(modules, saved):
+                for b, c in zip(m.buffers(), copies):
+                    b.copy_(c)
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,8 @@ class DecoupledStage:
         frozen: the paper's No-Bprop baseline (``method: nobprop``): the stage never learns; its
             parameters stay at their initialisation (BatchNorm statistics still move) and no
             gradient is computed for it.
+        unlock: complete unlock (:mod:`dni.unlock`): the model of this stage's input, from which it
+            trains without waiting for the stage below; None: the stage trains on its real input.
     """
 
     def __init__(
@@ -127,6 +146,7 @@ class DecoupledStage:
         loss_fn: LossFn = cross_entropy,
         delayed: bool = False,
         frozen: bool = False,
+        unlock: InputModel | None = None,
     ) -> None:
         if is_last and synthesizer is not None:
             raise ValueError("the last stage computes the true loss and takes no synthesizer")
@@ -134,7 +154,9 @@ class DecoupledStage:
             raise ValueError("the delayed rule is for stages below the last, without a synthesizer")
         if frozen and (is_last or synthesizer is not None or delayed):
             raise ValueError("a frozen stage is below the last, without a synthesizer, and not delayed")
-        self.delayed, self.frozen = delayed, frozen
+        if unlock is not None and (index == 0 or delayed or frozen):
+            raise ValueError("an input model is for a stage above the first that learns from synthetic gradients")
+        self.delayed, self.frozen, self.unlock = delayed, frozen, unlock
         self.index = index
         self.module = module
         self.synthesizer = synthesizer
@@ -292,6 +314,8 @@ class DecoupledStage:
         self.module.train(mode)
         if self.synthesizer is not None:
             self.synthesizer.train(mode)
+        if self.unlock is not None:
+            self.unlock.train(mode)
 
     def state_dict(self) -> dict:
         """Everything needed to resume this stage exactly (tensors and plain values only)."""
@@ -305,6 +329,8 @@ class DecoupledStage:
             state["synthesizer"] = self.synthesizer.state_dict()
             state["synth_optimizer"] = self.synth_optimizer.state_dict()  # type: ignore[union-attr]
             state["fit"] = self.fit.state_dict()
+        if self.unlock is not None:
+            state["unlock"] = self.unlock.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -335,3 +361,5 @@ class DecoupledStage:
             self.synth_optimizer.load_state_dict(state["synth_optimizer"])  # type: ignore[union-attr]
             if "fit" in state:  # checkpoints before dni.fit start the averages afresh
                 self.fit.load_state_dict(state["fit"])
+        if self.unlock is not None:
+            self.unlock.load_state_dict(state["unlock"])

@@ -11,6 +11,9 @@ Training actions, in order:
   RECEIVE_INPUT  from the stage below (stage 0 reads the batch itself)
   COMPUTE        :func:`dni.engine.train_step`; a locked stage exchanges with ``peer``
                  (sends h up, waits for dL/dh) inside it
+  REAL_FORWARD   complete unlock (Role.unlock): the stage computed on its synthetic input in
+                 COMPUTE, before RECEIVE_INPUT; now its input model fits the real input and the
+                 stage runs forward on it (:func:`dni.engine.real_forward`)
   SEND_TARGET    dL/dx to the stage below (a delayed stage sends it when its own target
                  arrives, replaying the batch: see Role.delayed)
   SEND_TRUE      the last stage, on a true-round step: the same target, marked true
@@ -36,6 +39,7 @@ from workers.topology import Topology
 class Op(Enum):
     RECEIVE_INPUT = "receive_input"
     COMPUTE = "compute"
+    REAL_FORWARD = "real_forward"
     SEND_TARGET = "send_target"
     SEND_TRUE = "send_true"
     SEND_ACTIVATION = "send_activation"
@@ -71,6 +75,9 @@ class Role:
     delayed: bool = False
     """The delayed rule: the stage updates (and sends its target down) when a target arrives,
     during AWAIT_TARGETS or DRAIN, not in its own step."""
+    unlock: bool = False
+    """Complete unlock (``synthesizer.unlock``): the stage reads the batch itself and computes on its
+    synthetic input before it receives its real input (then REAL_FORWARD)."""
 
 
 def train_actions(topology: Topology, schedule: Schedule, role: Role, step: int) -> list[Action]:
@@ -80,8 +87,11 @@ def train_actions(topology: Topology, schedule: Schedule, role: Role, step: int)
         return []
     below = topology.rank_for(i - 1, step) if i > 0 else None
     above = topology.rank_for(i + 1, step) if not last else None
-    actions = [Action(Op.RECEIVE_INPUT, below)] if below is not None else []
-    actions.append(Action(Op.COMPUTE, above if role.locked else None))
+    receive = [Action(Op.RECEIVE_INPUT, below)] if below is not None else []
+    if role.unlock:  # nothing from below is needed to compute: the real input comes after
+        actions = [Action(Op.COMPUTE), *receive, Action(Op.REAL_FORWARD)]
+    else:
+        actions = [*receive, Action(Op.COMPUTE, above if role.locked else None)]
     if below is not None and not role.delayed:
         actions.append(Action(Op.SEND_TARGET, below))
         if last and role.rounds and schedule.is_true_round(step):

@@ -62,7 +62,8 @@ def build_runner(cfg: Config, plan: Plan, rank: int, *, init_method: str, device
     """Connect rank ``rank`` to the data plane and build its stage runner.
 
     Every rank of the plan must call this at about the same time: the process
-    group forms when all have joined. Stage 0 loads the data from ``data.path``.
+    group forms when all have joined. Stage 0 (and under ``synthesizer.unlock`` every stage) loads the
+    data from ``data.path``.
     """
     from workers.stage_runner import StageRunner
     from workers.transport import Transport
@@ -71,7 +72,7 @@ def build_runner(cfg: Config, plan: Plan, rank: int, *, init_method: str, device
     transport = Transport(rank, plan.topology.world_size, init_method=init_method,
                           backend=transport_backend(cfg, device, own_gpu=own_gpu), device=device, timeout_s=cfg.runtime.timeout_s)
     datasets = None
-    if stage == 0:
+    if stage == 0 or cfg.synthesizer.unlock:  # an input-unlocked stage reads its own batches
         splits = load_splits(cfg.data, seed=cfg.seed, download=False)
         datasets = {name: getattr(splits, name).to(device) for name in ("train", "val", "test")}
     runner = StageRunner(cfg, stage, replica, topology=plan.topology, schedule=plan.schedule, transport=transport,

@@ -34,6 +34,7 @@ processes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -91,6 +92,7 @@ class Window:
     staleness: list[int] = field(default_factory=list)
     dropped: int = 0
     synth_losses: list[float] = field(default_factory=list)
+    input_losses: list[float] = field(default_factory=list)
     in_flight_max: int = 0
     queued_max: int = 0
 
@@ -103,6 +105,7 @@ class StepState:
     x: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     result: StageStep | None = None
+    batch: torch.Tensor | None = None  # the raw batch, read by stage 0 and by input-unlocked stages
 
 
 class StageRunner:
@@ -147,18 +150,20 @@ class StageRunner:
         # Every worker builds the whole model from the same seed and keeps only its stage.
         module = build_stages(cfg.model, data.in_shape, data.num_classes, seed=cfg.seed)[stage_index]
         self.stage: DecoupledStage = decoupled_stage(
-            cfg, module, stage_index, data=data, output_shape=self.out_shape, num_stages=self.k,
+            cfg, module, stage_index, data=data, input_shape=self.in_shape, output_shape=self.out_shape, num_stages=self.k,
             total_steps=schedule.total_steps, device=device,
         )
         self.bp_lambda = cfg.synthesizer.bp_lambda
         self.role = Role(stage_index, replica, locked=engine.is_locked(self.stage, self.bp_lambda),
-                         rounds=self.k > 1 and cfg.method in ("dni", "cdni"), delayed=self.stage.delayed)
+                         rounds=self.k > 1 and cfg.method in ("dni", "cdni"), delayed=self.stage.delayed,
+                         unlock=self.stage.unlock is not None)
         # Labels travel with every downstream message: how many values, of what type and shape.
         self.labels_spec: dict[str, Any] = dict(labels=self.batch * data.labels_per_example,
                                                 label_dtype=data.label_dtype, label_shape=(self.batch, *data.label_shape))
         self.datasets = datasets or {}
-        if self.is_first and "train" not in self.datasets:
-            raise ValueError("stage 0 needs the training data")
+        reads_batches = self.is_first or self.role.unlock
+        if reads_batches and "train" not in self.datasets:
+            raise ValueError(f"stage {stage_index} needs the training data (stage 0, and every stage under synthesizer.unlock)")
         self.pending: deque[Pending] = deque()
         self.true_rounds: dict[int, TrueRound] = {}
         self.replica_group = None
@@ -177,7 +182,7 @@ class StageRunner:
         self._sent_down = -1  # the newest step whose activation went downstream from a locked stage
         self.true_gradients: list[tuple[int, torch.Tensor]] = []
         self.keep_true = keep_true_gradients
-        self.batches = EpochBatches(self.datasets["train"], self.batch, cfg.seed) if self.is_first else None
+        self.batches = EpochBatches(self.datasets["train"], self.batch, cfg.seed) if reads_batches else None
 
     # -- setup ------------------------------------------------------------------------
     def make_groups(self) -> None:
@@ -261,7 +266,9 @@ class StageRunner:
     def _train_step(self, g: int, actions: list[Action]) -> None:
         state = StepState(g)
         if self.batches is not None:
-            state.x, state.labels = self.batches(g)
+            state.batch, state.labels = self.batches(g)
+            if self.is_first:
+                state.x = state.batch
         for action in actions:
             self._do(action, state)
         self.window.steps += 1
@@ -274,6 +281,8 @@ class StageRunner:
             state.x, state.labels = self._input(g, peer)
         elif op is Op.COMPUTE:
             state.result = self._compute(state, peer)
+        elif op is Op.REAL_FORWARD:
+            state.result = self._real_forward(state)
         elif op in (Op.SEND_TARGET, Op.SEND_TRUE):
             assert peer is not None and state.result is not None and state.result.target is not None
             self.transport.send(peer, Tag.UP, Kind.TARGET if op is Op.SEND_TARGET else Kind.TRUE, g, state.result.target)
@@ -291,6 +300,8 @@ class StageRunner:
 
     def _compute(self, state: StepState, above: int | None) -> StageStep:
         """The engine's step on this stage (a locked stage exchanges with rank ``above`` inside it)."""
+        if self.role.unlock:
+            return self._unlocked_compute(state)
         g, x, y = state.step, state.x, state.labels
         assert x is not None and y is not None
         kind = self.schedule.true_round(g) if self.role.rounds else None
@@ -311,9 +322,35 @@ class StageRunner:
             self.true_rounds[g] = tr.after_step(step, y)
         if step.synth_loss is not None:
             self.window.synth_losses.append(step.synth_loss)
-        if self.is_last and self.schedule.reports_after(g):
+        if self.is_last and self.schedule.reports_after(g) and not self.role.unlock:
             self._record(g + 1, {"train/loss": step.loss})
         return step
+
+    def _unlocked_compute(self, state: StepState) -> StageStep:
+        """Complete unlock: the step on the synthetic input of this stage's own batch."""
+        g, batch, y = state.step, state.batch, state.labels
+        assert batch is not None and y is not None
+        try:
+            self._inject(g, batch)
+            return engine.unlocked_step(self.stage, batch, y)
+        except NonFiniteError as e:
+            # The stage below sends this step's activation whatever happened here: take it, so that
+            # the next step reads the next one (a SKIP from below ends the step there instead).
+            self._input(g, self.topology.rank_for(self.i - 1, g))
+            self._on_fault(g, e)
+
+    def _real_forward(self, state: StepState) -> StageStep:
+        """Complete unlock: the real input has arrived: fit the input model, pass the real output on."""
+        g, batch, x, y, step = state.step, state.batch, state.x, state.labels, state.result
+        assert batch is not None and x is not None and y is not None and step is not None
+        try:
+            h, input_loss, loss = engine.real_forward(self.stage, batch, x, y)
+        except NonFiniteError as e:
+            self._on_fault(g, e)
+        self.window.input_losses.append(input_loss)
+        if self.is_last and self.schedule.reports_after(g):
+            self._record(g + 1, {"train/loss": loss, "unlock/synthetic_input_loss": step.loss})
+        return dataclasses.replace(step, h=h, loss=loss)
 
     def _inject(self, g: int, x: torch.Tensor) -> None:
         where = self.faults.pop(g, None)
@@ -550,6 +587,8 @@ class StageRunner:
         if w.synth_losses:
             scalars[f"sg/loss/{tag}"] = sum(w.synth_losses) / len(w.synth_losses)
             scalars[f"sg/fit/{tag}"] = self.stage.fit.explained
+        if w.input_losses:
+            scalars[f"unlock/input_loss/stage_{self.i}"] = sum(w.input_losses) / len(w.input_losses)
         if self.is_last:
             scalars["train/samples_per_second"] = w.steps * self.batch * self.topology.replicas[self.i] / elapsed
         self._record(g + 1, scalars)
