@@ -19,6 +19,7 @@ from dni.pipeline import Pipeline
 from dni.recurrent import LSTMLanguageModel, RecurrentPipeline
 from dni.stage import DecoupledStage, StageOptions
 from dni.synthesizer import Synthesizer, make_synthesizer
+from dni.local_head import AuxiliaryHead, LocalHead
 from dni.unlock import InputModel, InputSynthesizer
 
 
@@ -57,7 +58,7 @@ def check_context(cfg: Config, data: DataSpec) -> None:
 
 def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...], data: DataSpec) -> Synthesizer | None:
     """The synthesizer of stage ``index``'s output; None for backprop. Seeded per stage."""
-    if cfg.method in ("backprop", "delayed", "nobprop"):
+    if cfg.method in ("backprop", "delayed", "local", "nobprop"):
         return None
     check_context(cfg, data)
     with torch.random.fork_rng(devices=[]):
@@ -95,11 +96,36 @@ def build_input_model(cfg: Config, index: int, input_shape: tuple[int, ...], dat
     return InputModel(net, lr=s.lr if s.input_lr is None else s.input_lr, optimizer=stage_options(cfg, 1).synth_optimizer)
 
 
+def build_local_head(cfg: Config, index: int, output_shape: tuple[int, ...], data: DataSpec,
+                     device: torch.device) -> LocalHead | None:
+    """Stage ``index``'s auxiliary head under ``method: local`` (not for the last stage), else None.
+    Seeded per stage.
+
+    Raises:
+        ConfigError: data without labels, which a head has nothing to predict from.
+    """
+    if cfg.method != "local":
+        return None
+    if data.labels_per_example == 0:
+        raise ConfigError("method: local trains each stage on a classifier of its output against the labels, "
+                          "and this data has none; use method=dni")
+    per_position = len(data.label_shape) == 1 and len(output_shape) == 2 and output_shape[0] == data.label_shape[0]
+    loc = cfg.local
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stage_seed(cfg.seed, index) + 3)
+        head = AuxiliaryHead(output_shape, data.num_classes, hidden_layers=loc.hidden_layers,
+                             hidden_width=loc.hidden_width, pool=loc.pool, per_position=per_position).to(device)
+    options = stage_options(cfg, 1)
+    return LocalHead(head, loss_fn=resolve_loss(cfg.model.loss), lr=cfg.train.lr if loc.lr is None else loc.lr,
+                     optimizer=options.optimizer)
+
+
 def decoupled_stage(cfg: Config, module: torch.nn.Module, index: int, *, data: DataSpec, input_shape: tuple[int, ...],
                     output_shape: tuple[int, ...], num_stages: int, total_steps: int,
                     device: torch.device) -> DecoupledStage:
     """``module`` as stage ``index`` of ``num_stages`` (per-example input and output shapes given), with
-    its synthesizer, its input model under complete unlock and their optimisers, on ``device``."""
+    its synthesizer, its input model under complete unlock, its auxiliary head under local losses and
+    their optimisers, on ``device``."""
     is_last = index == num_stages - 1
     synth = None if is_last else build_synthesizer(cfg, index, output_shape, data)
     return DecoupledStage(
@@ -107,6 +133,8 @@ def decoupled_stage(cfg: Config, module: torch.nn.Module, index: int, *, data: D
         options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss),
         delayed=cfg.method == "delayed" and not is_last, frozen=cfg.method == "nobprop" and not is_last,
         unlock=build_input_model(cfg, index, input_shape, data, device),
+        local_head=None if is_last else build_local_head(cfg, index, output_shape, data, device),
+        sends_target=cfg.method != "local",
     )
 
 

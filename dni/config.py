@@ -20,7 +20,7 @@ from dni.optim import OPTIMIZERS
 from dni.synthesizer import SYNTHESIZER_KINDS
 
 GATES = ("none", "fit")
-METHODS = ("backprop", "dni", "cdni", "delayed", "nobprop")
+METHODS = ("backprop", "dni", "cdni", "delayed", "local", "nobprop")
 MODEL_KINDS = ("fcn", "cnn", "gpt", "lstm", "custom")
 DATASETS = ("mnist", "cifar10", "idx", "custom", "text", "copy")
 TEXT_CONTEXT = 64
@@ -430,6 +430,26 @@ class SyncConfig:
 
 
 @dataclass
+class LocalConfig:
+    """The auxiliary heads of ``method: local`` (local losses, DGL; see :mod:`dni.local_head`)."""
+
+    hidden_layers: int = 0
+    """GELU hidden layers of each head (0: a linear classifier on the LayerNorm-ed output)."""
+    hidden_width: int = 256
+    """Units per hidden layer."""
+    pool: int = 2
+    """A feature map (C, H, W) is average-pooled to at most pool x pool before its head."""
+    lr: float | None = None
+    """The heads' learning rate (null: train.lr); it follows the stage's schedule."""
+
+    def validate(self) -> None:
+        _check(self.hidden_layers >= 0, "local.hidden_layers", f"must be >= 0 (got {self.hidden_layers})")
+        _check(self.hidden_width >= 1, "local.hidden_width", f"must be >= 1 (got {self.hidden_width})")
+        _check(self.pool >= 1, "local.pool", f"must be >= 1 (got {self.pool})")
+        _check(self.lr is None or self.lr > 0, "local.lr", f"must be > 0 (got {self.lr})")
+
+
+@dataclass
 class BenchConfig:
     """``dni bench``: how many steps each contestant runs."""
 
@@ -461,6 +481,8 @@ class Config:
     """backprop, dni (synthesizer sees the activation), cdni (activation and label), or delayed
     (no synthesizer: each stage applies the true gradient of a batch when it comes back,
     runtime.max_in_flight - 1 steps later on both backends, replaying its forward on the kept input),
+    or local (local losses, DGL: each stage but the last learns from an auxiliary head of its own output,
+    see the local section; nothing travels back down),
     or nobprop (the paper's No-Bprop baseline: only the last stage learns, the others stay at their
     initialisation; backend local)."""
     backend: str = "local"
@@ -479,6 +501,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     stages: list[StageSpec] = field(default_factory=list)
     """Per-stage runtime settings; empty: one replica each. Otherwise one entry per stage."""
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -505,7 +528,7 @@ class Config:
             _check(self.synthesizer.discount == 1, "synthesizer.discount",
                    "discounts the future at a recurrent model's segment boundary (model.kind=lstm); remove it")
         for section in (self.model, self.data, self.train, self.synthesizer, self.log, self.checkpoint, self.runtime, self.sync,
-                        self.bench):
+                        self.local, self.bench):
             section.validate()
         if self.synthesizer.unlock:
             self._check_unlock()

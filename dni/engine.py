@@ -6,7 +6,8 @@ The single-process :class:`~dni.pipeline.Pipeline` and the runtime's stage worke
 only in how the tensors travel. The order within a step (paper section 3.1):
 
   1. forward: h = f(x);
-  2. the gradient for h: the stage's synthetic gradient g^ = M(h, c) (update-unlocked),
+  2. the gradient for h: the stage's synthetic gradient g^ = M(h, c) (update-unlocked), or
+     under local losses the gradient of its auxiliary head's loss (:mod:`dni.local_head`),
      or, for a *locked* stage, the gradient from above (``from_above(h)``; backprop, or
      BP(lambda) mixed with g^); the last stage computes the true loss instead;
   3. backward: parameter gradients, and dL/dx, the target for the stage below;
@@ -56,12 +57,15 @@ class StageStep:
     """Whether the optimiser step was applied (see p_update)."""
     synth_loss: float | None = None
     """A locked stage's synthesizer loss on the gradient from above."""
+    local_loss: float | None = None
+    """Under local losses, the loss of the stage's auxiliary head."""
 
 
 def is_locked(stage: DecoupledStage, bp_lambda: float) -> bool:
     """Whether ``stage`` waits for the gradient from above before it updates: a stage (not the
-    last, not delayed, not frozen) without a synthesizer (backprop), or any stage under BP(lambda > 0)."""
-    return (not stage.is_last and not stage.delayed and not stage.frozen
+    last, not delayed, not frozen, without an auxiliary head) without a synthesizer (backprop), or
+    any stage under BP(lambda > 0)."""
+    return (not stage.is_last and not stage.delayed and not stage.frozen and stage.local_head is None
             and (stage.synthesizer is None or bp_lambda > 0))
 
 
@@ -110,9 +114,12 @@ def train_step(stage: DecoupledStage, x: torch.Tensor, labels: torch.Tensor, *,
         ValueError: a stage that is neither last nor has a synthesizer, without ``from_above``.
     """
     h = stage.forward(x)
-    synthetic, loss, from_top = None, math.nan, None
+    synthetic, loss, from_top, local_loss = None, math.nan, None, None
     if stage.is_last:
         loss, target = stage.loss_backward(labels)
+    elif stage.local_head is not None:
+        grad, local_loss = stage.local_gradient(labels)
+        target = stage.backward(grad)
     else:
         if stage.synthesizer is not None:
             synthetic = stage.synthetic_gradient(labels)
@@ -129,7 +136,7 @@ def train_step(stage: DecoupledStage, x: torch.Tensor, labels: torch.Tensor, *,
     synth_loss = None
     if from_top is not None and stage.synthesizer is not None:
         synth_loss = stage.train_synthesizer(h, labels, from_top)
-    return StageStep(h, synthetic, target, loss, updated, synth_loss)
+    return StageStep(h, synthetic, target, loss, updated, synth_loss, local_loss)
 
 
 def unlocked_step(stage: DecoupledStage, batch: torch.Tensor, labels: torch.Tensor) -> StageStep:

@@ -18,6 +18,8 @@ distributed worker makes. Stage by stage:
 * an **input-unlocked** stage (``synthesizer.unlock``, :mod:`dni.unlock`) takes its step on the
   synthetic input that its input model predicts from the raw batch, then fits that model to
   the real input and passes its real output on;
+* a stage with an **auxiliary head** (``method: local``, :mod:`dni.local_head`) updates at once from
+  the gradient of its head's loss; the chain above runs on its output and sends nothing back;
 * a **frozen** stage (``method: nobprop``, the paper's No-Bprop baseline) runs forward only
   and never learns; only the last stage trains, on the true loss.
 
@@ -134,11 +136,14 @@ class Pipeline:
             result.synth_losses[i] = step.synth_loss
         if tr is not None:
             rounds[i] = tr.after_step(step, y)
+        if step.local_loss is not None:
+            result.scalars[f"local/loss/stage_{i}"] = step.local_loss
         if not stage.is_last and not locked:  # unlocked: the chain above runs on h now; its target trains M_i
             above = self._run_from(i + 1, step.h, y, result, rounds, true_round)
-            target = above[0].target
-            assert target is not None
-            result.synth_losses[i] = stage.train_synthesizer(step.h, y, target)
+            if stage.synthesizer is not None:  # (an auxiliary head needs nothing from above)
+                target = above[0].target
+                assert target is not None
+                result.synth_losses[i] = stage.train_synthesizer(step.h, y, target)
         return [step, *above]
 
     def _unlocked_step(self, stage: DecoupledStage, x: torch.Tensor, y: torch.Tensor, result: StepResult) -> StageStep:

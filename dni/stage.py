@@ -21,6 +21,7 @@ from torch import nn
 from dni import rules
 from dni.checkpoint import CheckpointError
 from dni.fit import SynthesizerFit
+from dni.local_head import LocalHead
 from dni.losses import LossFn, cross_entropy
 from dni.optim import OptimizerSpec
 from dni.run import RunError
@@ -132,6 +133,10 @@ class DecoupledStage:
             gradient is computed for it.
         unlock: complete unlock (:mod:`dni.unlock`): the model of this stage's input, from which it
             trains without waiting for the stage below; None: the stage trains on its real input.
+        local_head: local losses (``method: local``, :mod:`dni.local_head`): the auxiliary head whose
+            loss gradient the stage backpropagates in place of a synthetic gradient.
+        sends_target: whether the stage below needs dL/dx (False under local losses, where nothing
+            travels down: the backward then stops at the stage's parameters).
     """
 
     def __init__(
@@ -147,6 +152,8 @@ class DecoupledStage:
         delayed: bool = False,
         frozen: bool = False,
         unlock: InputModel | None = None,
+        local_head: LocalHead | None = None,
+        sends_target: bool = True,
     ) -> None:
         if is_last and synthesizer is not None:
             raise ValueError("the last stage computes the true loss and takes no synthesizer")
@@ -156,7 +163,10 @@ class DecoupledStage:
             raise ValueError("a frozen stage is below the last, without a synthesizer, and not delayed")
         if unlock is not None and (index == 0 or delayed or frozen):
             raise ValueError("an input model is for a stage above the first that learns from synthetic gradients")
+        if local_head is not None and (is_last or synthesizer is not None or delayed or frozen or unlock is not None):
+            raise ValueError("an auxiliary head is for a stage below the last that learns from it alone")
         self.delayed, self.frozen, self.unlock = delayed, frozen, unlock
+        self.local_head, self.sends_target = local_head, sends_target
         self.index = index
         self.module = module
         self.synthesizer = synthesizer
@@ -183,7 +193,7 @@ class DecoupledStage:
         # BatchNorm statistics move during the forward; kept until step() so that a fault
         # (see abandon) can put them back instead of keeping a NaN in the running mean.
         self._buffers = [b.detach().clone() for b in self.module.buffers()]
-        self._input = x.detach().requires_grad_(self.index > 0)
+        self._input = x.detach().requires_grad_(self.index > 0 and self.sends_target)
         self._output = self.module(self._input)
         return check_finite(self._output, self, "activation").detach()
 
@@ -221,12 +231,23 @@ class DecoupledStage:
         return check_finite(rules.synthetic_gradient(self.synthesizer, self._output, self.context(labels)), self,
                        "synthetic gradient")
 
+    def local_gradient(self, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Local losses: dL_local/dh for the output of the last :meth:`forward`, and the local loss;
+        the auxiliary head takes its step on that loss (see :meth:`dni.local_head.LocalHead.gradient`)."""
+        if self.local_head is None or self._output is None:
+            raise RuntimeError(f"stage {self.index} has no auxiliary head or no pending forward")
+        grad, loss = self.local_head.gradient(self._output, labels, lr_scale=self.lr_scale)
+        if not math.isfinite(loss):
+            self.abandon()
+            raise NonFiniteError(self.index, "local loss")
+        return grad, loss
+
     # -- backward ----------------------------------------------------------------
     def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
         """Backpropagate dL/d output through the stage; return dL/d input (None for stage 0)."""
         if self._output is None:
             raise RuntimeError(f"stage {self.index}: backward before forward")
-        target = rules.backward_from(self._output, grad, self._input if self.index > 0 else None)
+        target = rules.backward_from(self._output, grad, self._input if self.index > 0 and self.sends_target else None)
         self._output = self._input = None  # free the graph
         return check_finite(target, self, "gradient target") if target is not None else None
 
@@ -234,12 +255,12 @@ class DecoupledStage:
         """Last stage: the loss of the pending output, backpropagated.
 
         Returns:
-            (loss value, true dL/d input or None for a single-stage network).
+            (loss value, true dL/d input; None for a single-stage network and when no target is sent).
         """
         if not self.is_last or self._output is None:
             raise RuntimeError(f"stage {self.index} is not the last stage or has no pending forward")
         loss = check_finite(self.loss_fn(self._output, labels), self, "loss")
-        target = rules.loss_backward(loss, self._input if self.index > 0 else None)
+        target = rules.loss_backward(loss, self._input if self.index > 0 and self.sends_target else None)
         self._output = self._input = None
         return loss.item(), check_finite(target, self, "gradient target") if target is not None else None
 
@@ -316,6 +337,8 @@ class DecoupledStage:
             self.synthesizer.train(mode)
         if self.unlock is not None:
             self.unlock.train(mode)
+        if self.local_head is not None:
+            self.local_head.train(mode)
 
     def state_dict(self) -> dict:
         """Everything needed to resume this stage exactly (tensors and plain values only)."""
@@ -331,6 +354,8 @@ class DecoupledStage:
             state["fit"] = self.fit.state_dict()
         if self.unlock is not None:
             state["unlock"] = self.unlock.state_dict()
+        if self.local_head is not None:
+            state["local_head"] = self.local_head.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -363,3 +388,5 @@ class DecoupledStage:
                 self.fit.load_state_dict(state["fit"])
         if self.unlock is not None:
             self.unlock.load_state_dict(state["unlock"])
+        if self.local_head is not None:
+            self.local_head.load_state_dict(state["local_head"])

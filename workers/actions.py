@@ -17,6 +17,8 @@ Training actions, in order:
   SEND_TARGET    dL/dx to the stage below (a delayed stage sends it when its own target
                  arrives, replaying the batch: see Role.delayed)
   SEND_TRUE      the last stage, on a true-round step: the same target, marked true
+  SEND_ACK       local losses (Role.local): no target goes down, only an acknowledgement that
+                 the step was taken (the stage below's backpressure)
   SEND_ACTIVATION h to the stage above (unlocked stages; a locked one sent it in COMPUTE)
   AWAIT_TARGETS  take targets from above until fewer than ``runtime.max_in_flight`` are
                  outstanding (backpressure)
@@ -42,6 +44,7 @@ class Op(Enum):
     REAL_FORWARD = "real_forward"
     SEND_TARGET = "send_target"
     SEND_TRUE = "send_true"
+    SEND_ACK = "send_ack"
     SEND_ACTIVATION = "send_activation"
     AWAIT_TARGETS = "await_targets"
     AVERAGE_REPLICAS = "average_replicas"
@@ -75,6 +78,9 @@ class Role:
     delayed: bool = False
     """The delayed rule: the stage updates (and sends its target down) when a target arrives,
     during AWAIT_TARGETS or DRAIN, not in its own step."""
+    local: bool = False
+    """Local losses (``method: local``): the stage learns from its own auxiliary head (the last from
+    the loss) and sends no target down, only SEND_ACK."""
     unlock: bool = False
     """Complete unlock (``synthesizer.unlock``): the stage reads the batch itself and computes on its
     synthetic input before it receives its real input (then REAL_FORWARD)."""
@@ -92,7 +98,9 @@ def train_actions(topology: Topology, schedule: Schedule, role: Role, step: int)
         actions = [Action(Op.COMPUTE), *receive, Action(Op.REAL_FORWARD)]
     else:
         actions = [*receive, Action(Op.COMPUTE, above if role.locked else None)]
-    if below is not None and not role.delayed:
+    if below is not None and role.local:
+        actions.append(Action(Op.SEND_ACK, below))
+    elif below is not None and not role.delayed:
         actions.append(Action(Op.SEND_TARGET, below))
         if last and role.rounds and schedule.is_true_round(step):
             actions.append(Action(Op.SEND_TRUE, below))

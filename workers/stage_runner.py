@@ -93,6 +93,7 @@ class Window:
     dropped: int = 0
     synth_losses: list[float] = field(default_factory=list)
     input_losses: list[float] = field(default_factory=list)
+    local_losses: list[float] = field(default_factory=list)
     in_flight_max: int = 0
     queued_max: int = 0
 
@@ -156,7 +157,7 @@ class StageRunner:
         self.bp_lambda = cfg.synthesizer.bp_lambda
         self.role = Role(stage_index, replica, locked=engine.is_locked(self.stage, self.bp_lambda),
                          rounds=self.k > 1 and cfg.method in ("dni", "cdni"), delayed=self.stage.delayed,
-                         unlock=self.stage.unlock is not None)
+                         local=not self.stage.sends_target, unlock=self.stage.unlock is not None)
         # Labels travel with every downstream message: how many values, of what type and shape.
         self.labels_spec: dict[str, Any] = dict(labels=self.batch * data.labels_per_example,
                                                 label_dtype=data.label_dtype, label_shape=(self.batch, *data.label_shape))
@@ -283,6 +284,9 @@ class StageRunner:
             state.result = self._compute(state, peer)
         elif op is Op.REAL_FORWARD:
             state.result = self._real_forward(state)
+        elif op is Op.SEND_ACK:
+            assert peer is not None
+            self.transport.send(peer, Tag.UP, Kind.ACK, g)
         elif op in (Op.SEND_TARGET, Op.SEND_TRUE):
             assert peer is not None and state.result is not None and state.result.target is not None
             self.transport.send(peer, Tag.UP, Kind.TARGET if op is Op.SEND_TARGET else Kind.TRUE, g, state.result.target)
@@ -322,6 +326,8 @@ class StageRunner:
             self.true_rounds[g] = tr.after_step(step, y)
         if step.synth_loss is not None:
             self.window.synth_losses.append(step.synth_loss)
+        if step.local_loss is not None:
+            self.window.local_losses.append(step.local_loss)
         if self.is_last and self.schedule.reports_after(g) and not self.role.unlock:
             self._record(g + 1, {"train/loss": step.loss})
         return step
@@ -418,6 +424,8 @@ class StageRunner:
     def _on_upstream(self, msg: Message) -> None:
         if msg.kind == Kind.TARGET:
             self._on_target(msg)
+        elif msg.kind == Kind.ACK:
+            self._on_ack(msg)
         elif msg.kind == Kind.TRUE:
             assert msg.payload is not None
             self._on_true(msg.step, msg.payload)
@@ -446,6 +454,13 @@ class StageRunner:
             return
         assert msg.payload is not None
         self.window.synth_losses.append(self.stage.train_synthesizer(item.h, item.labels, msg.payload))
+
+    def _on_ack(self, msg: Message) -> None:
+        """Local losses: the stage above has taken step ``msg.step``; nothing to learn from, one batch
+        fewer in flight."""
+        item = self.pending.popleft()
+        if item.step != msg.step:
+            raise RuntimeError(f"stage {self.i}: acknowledgement for step {msg.step} arrived, expected {item.step}")
 
     def _on_skip(self, msg: Message) -> None:
         """The stage above dropped step ``msg.step``: no target (extra=1) and no true gradient will come."""
@@ -589,6 +604,8 @@ class StageRunner:
             scalars[f"sg/fit/{tag}"] = self.stage.fit.explained
         if w.input_losses:
             scalars[f"unlock/input_loss/stage_{self.i}"] = sum(w.input_losses) / len(w.input_losses)
+        if w.local_losses:
+            scalars[f"local/loss/stage_{self.i}"] = sum(w.local_losses) / len(w.local_losses)
         if self.is_last:
             scalars["train/samples_per_second"] = w.steps * self.batch * self.topology.replicas[self.i] / elapsed
         self._record(g + 1, scalars)

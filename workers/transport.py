@@ -68,6 +68,8 @@ class Kind(IntEnum):
     TRUE = 4  # upstream: the true dL/dh of a level-2 round
     SKIP = 5  # no payload; downstream: this step's batch is dropped; upstream: no true gradient will come,
     #           and with extra=1 no target either (a non-finite value, under train.nonfinite skip or reset)
+    ACK = 6  # upstream, no payload: the stage above has taken this step (local losses send no target;
+    #          the acknowledgement is the backpressure of runtime.max_in_flight)
 
 
 class Tag(IntEnum):
@@ -225,7 +227,7 @@ class Transport:
                 f"expected {labels}: the two stages disagree on the batch size"
             )
         payload = None
-        if payload_shape is not None and kind not in (Kind.EVAL_END, Kind.SKIP):
+        if payload_shape is not None and kind not in (Kind.EVAL_END, Kind.SKIP, Kind.ACK):
             payload = torch.empty(payload_shape, dtype=dtype, device=self.wire)
             self._recv_into(payload, src, tag)
             payload = payload.to(self.device)
