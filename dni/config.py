@@ -21,6 +21,8 @@ from dni.synthesizer import SYNTHESIZER_KINDS
 
 GATES = ("none", "fit")
 METHODS = ("backprop", "dni", "cdni", "delayed", "local", "nobprop")
+RACE_RULES = ("dni", "cdni", "delayed", "local")
+"""The methods that decouple stages on the runtime: what ``bench.methods`` races."""
 MODEL_KINDS = ("fcn", "cnn", "gpt", "lstm", "custom")
 DATASETS = ("mnist", "cifar10", "idx", "custom", "text", "copy")
 TEXT_CONTEXT = 64
@@ -460,12 +462,19 @@ class BenchConfig:
     out: str = "results/bench"
     """Folder for <name>.json and <name>.md."""
     race: bool = False
-    """Also race the decoupled runtime against single-process backprop (1 thread) over the whole
-    train budget, to ``target_accuracy``."""
+    """Also race, over the whole train budget to ``target_accuracy``: single-process backprop on one
+    thread and on all cores, DDP, and each decoupled rule of ``methods`` (:mod:`workers.race`)."""
     target_accuracy: float = 0.97
     """Test accuracy whose time (training seconds from the first step) the race compares."""
+    repeats: int = 3
+    """Rounds of the race (every contestant once per round, interleaved); medians are reported."""
+    methods: list[str] = field(default_factory=list)
+    """The decoupled rules the race runs on the runtime (empty: the config's method)."""
 
     def validate(self) -> None:
+        _check(self.repeats >= 1, "bench.repeats", f"must be >= 1 (got {self.repeats})")
+        for m in self.methods:
+            _check(m in RACE_RULES, "bench.methods", f"{m!r} is not a decoupled rule; use some of {', '.join(RACE_RULES)}")
         _check(self.steps >= 2, "bench.steps", f"must be >= 2 (got {self.steps})")
         _check(0 < self.target_accuracy <= 1, "bench.target_accuracy", f"must be in (0, 1] (got {self.target_accuracy})")
         _check(self.warmup >= 0, "bench.warmup", f"must be >= 0 (got {self.warmup})")

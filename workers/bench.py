@@ -9,6 +9,7 @@
 Throughput of (b) and (c) is the median over logging windows in steady state
 (after the warm-up, before the final evaluation), from the last stage's count of
 finished samples; busy fractions and idle time come from the same windows.
+With ``bench.race=true`` it also races the contestants to an accuracy (:mod:`workers.race`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from dni.data import load_splits
 from dni.data.spec import DataSpec
 from dni.schedule import EpochBatches
 from dni.run import create_run_dir
-from dni.trainer import Trainer
 
 
 def environment() -> dict[str, Any]:
@@ -124,45 +124,6 @@ def _count(rows: list[dict], tag: str) -> int:
     return len(_values(rows, tag))
 
 
-def time_to_accuracy(run_dir: Path, target: float) -> dict[str, Any]:
-    """When a run's test accuracy first reached ``target``: training seconds from the
-    first step (evaluations excluded) and step; plus its final accuracy."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    seconds = {r["step"]: r["time/train_seconds"] for r in rows if r.get("time/train_seconds") is not None}
-    accuracy = {r["step"]: r["test/accuracy"] for r in rows if r.get("test/accuracy") is not None}
-    reached = [s for s in sorted(accuracy) if accuracy[s] >= target and s in seconds]
-    return {
-        "target_accuracy": target,
-        "seconds": seconds[reached[0]] if reached else None,
-        "step": reached[0] if reached else None,
-        "final_accuracy": accuracy[max(accuracy)] if accuracy else None,
-        "curve": [(s, seconds.get(s), accuracy[s]) for s in sorted(accuracy)],
-    }
-
-
-def race(cfg: Config, log_dir: str) -> dict[str, Any]:
-    """Single-process backprop on one thread against the decoupled runtime, over the whole
-    train budget: who reaches ``bench.target_accuracy`` first, in training seconds."""
-    from workers.coordinator import Coordinator
-
-    target = cfg.bench.target_accuracy
-    log = dataclasses.replace(cfg.log, dir=log_dir, progress=False)
-    bp_cfg = dataclasses.replace(cfg, method="backprop", backend="local", threads=1, name=f"{cfg.name}-race-backprop", log=log)
-    bp_dir = create_run_dir(bp_cfg)
-    previous = torch.get_num_threads()
-    try:
-        Trainer(bp_cfg, bp_dir).fit()
-    finally:
-        torch.set_num_threads(previous)
-    dec_cfg = dataclasses.replace(cfg, backend="ray", name=f"{cfg.name}-race-{cfg.method}", log=log)
-    dec_dir = create_run_dir(dec_cfg)
-    Coordinator(dec_cfg, dec_dir).run()
-    out: dict[str, Any] = {"backprop_1_thread": time_to_accuracy(bp_dir, target), "decoupled": time_to_accuracy(dec_dir, target)}
-    b, d = out["backprop_1_thread"]["seconds"], out["decoupled"]["seconds"]
-    out["time_ratio"] = b / d if b and d else None
-    return out
-
-
 def run_bench(cfg: Config, command: str) -> dict[str, Any]:
     """Measure every contestant, write ``<bench.out>/<name>.json`` and ``.md``; return the figures."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
@@ -173,6 +134,8 @@ def run_bench(cfg: Config, command: str) -> dict[str, Any]:
         results["locked_pipeline"] = runtime(cfg, "backprop", tmp)
         results["decoupled"] = runtime(cfg, cfg.method, tmp)
         if cfg.bench.race:
+            from workers.race import race
+
             results["race"] = race(cfg, tmp)
     dec = results["decoupled"]["samples_per_second"]
     results["speedup_vs_backprop"] = dec / results["single_process_1_thread"]["samples_per_second"]
@@ -182,6 +145,12 @@ def run_bench(cfg: Config, command: str) -> dict[str, Any]:
     results["hop_latency_ms"] = results["decoupled"]["hop_latency_ms"]
     out = Path(cfg.bench.out)
     out.mkdir(parents=True, exist_ok=True)
+    if "race" in results:
+        from workers.race import plot
+
+        verdict = {k: v for k, v in results["race"].items() if k.startswith("race_")}
+        results.update(verdict)
+        plot(out / f"{cfg.name}_race.png", results["race"])
     (out / f"{cfg.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{cfg.name}.md").write_text(markdown(results, command))
     return results
@@ -230,15 +199,6 @@ def markdown(r: dict[str, Any], command: str) -> str:
 def _race_lines(r: dict[str, Any]) -> list[str]:
     if "race" not in r:
         return []
-    race, lines = r["race"], []
-    target = race["decoupled"]["target_accuracy"]
-    lines += [f"Time to {100 * target:.0f}% test accuracy (training seconds from the first step, evaluations "
-              "excluded; whole train budget):", "",
-              "| contestant | seconds | step | final test accuracy |", "|---|---|---|---|"]
-    for key, label in (("backprop_1_thread", "single-process backprop, 1 thread"), ("decoupled", "decoupled runtime")):
-        c = race[key]
-        secs = f"{c['seconds']:.1f}" if c["seconds"] is not None else "not reached"
-        lines.append(f"| {label} | {secs} | {c['step']} | {c['final_accuracy']:.4f} |")
-    if race["time_ratio"]:
-        lines += ["", f"The decoupled runtime got there **{race['time_ratio']:.2f}x** as fast."]
-    return lines + [""]
+    from workers.race import markdown_lines
+
+    return [*markdown_lines(r["race"]), f"Curves: `{r['name']}_race.png`.", ""]
