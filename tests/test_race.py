@@ -36,6 +36,7 @@ def test_medians_over_rounds_and_the_verdict() -> None:
     assert v["race_best_method"] == "local"
     assert v["race_speedup_vs_backprop"] == pytest.approx(30.0 / 8.0)
     assert v["race_speedup_vs_ddp"] == pytest.approx(30.0 / 8.0)  # DDP's median: 30, 8, 30
+    assert v["race_speedup_vs_pipelining"] is None  # no pipeline raced
     text = "\n".join(markdown_lines({"target_accuracy": 0.97, "repeats": 3, "contestants": summary, **v}))
     assert "| decoupled (local), Ray | 8.0 (8.0-16.0) |" in text and "not reached" in text and "3.75x" in text
 
@@ -59,7 +60,8 @@ def test_one_round_of_every_contestant_on_a_tiny_model(idx_folder: str, tmp_path
                          bench={"repeats": 1, "target_accuracy": 0.05, "methods": ["local", "delayed"]})
     result = race(cfg, str(tmp_path))
     names = list(result["contestants"])
-    assert names == ["backprop_1_thread", "backprop_all_cores", "ddp", "decoupled_local", "decoupled_delayed"]
+    assert names == ["backprop_1_thread", "backprop_all_cores", "ddp", "pipelining_gpipe_2", "pipelining_gpipe_4",
+                     "decoupled_local", "decoupled_delayed"]
     for name in names:  # every contestant evaluated at the same steps, and reached a target below chance
         assert [s for s, _, _ in result["curves"][0][name]] == [5, 9, 10, 15, 18]  # 9 steps an epoch, and every 5
         assert result["contestants"][name]["steps"]["median"] == 5

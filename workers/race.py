@@ -4,8 +4,10 @@ interleaved, against what a user would pick instead on the same hardware.
 Contestants, on the same data, seed, global batch, budget and evaluation points:
 
 * single-process backprop with one thread, and with every core;
-* DDP (:mod:`workers.ddp`): torch's DistributedDataParallel over gloo on as many processes as the
-  model has stages, one thread each;
+* DDP (:mod:`workers.torch_parallel`): torch's DistributedDataParallel over gloo on as many
+  processes as the model has stages, one thread each;
+* a synchronous pipeline from ``torch.distributed.pipelining`` (GPipe) on one process per stage,
+  with 2 and with 4 micro-batches (the race compares with the better);
 * each decoupled rule of ``bench.methods`` (default: the config's ``method``) on the Ray runtime,
   one worker per stage.
 
@@ -14,7 +16,7 @@ machine that slows down mid-bench slows every contestant alike). Seconds are tra
 the first step, evaluations excluded. Per contestant the race reports the medians over the
 repeats (min and max beside them) of: seconds and steps to the target, training throughput,
 final test accuracy, and its test accuracy at the moment the fastest contestant of that round
-reached the target. Not yet a contestant: a synchronous pipeline from ``torch.distributed.pipelining``.
+reached the target.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ import torch
 from dni.config import Config
 from dni.run import create_run_dir
 from dni.trainer import Trainer
-from workers.ddp import ddp_config, train_ddp
+from workers.torch_parallel import plain_config, train_ddp, train_pipelined
+
+MICRO_BATCHES = (2, 4)
+"""The synchronous pipeline's micro-batch counts; the race compares with the better one."""
 
 Curve = list[tuple[int, float, float]]
 """(step, training seconds, test accuracy) at each evaluation."""
@@ -109,15 +114,19 @@ def verdict(summary: dict[str, dict[str, Any]], rules: list[str]) -> dict[str, A
     timed = [(summary[r]["seconds"]["median"], r) for r in rules if summary[r]["seconds"]["median"] is not None]
     if not timed:
         return {"race_best_method": None, "race_speedup_vs_backprop": None, "race_speedup_vs_backprop_all_cores": None,
-                "race_speedup_vs_ddp": None}
+                "race_speedup_vs_ddp": None, "race_speedup_vs_pipelining": None}
     best_seconds, best = min(timed)
 
-    def speedup(name: str) -> float | None:
-        s = summary[name]["seconds"]["median"]
-        return s / best_seconds if s is not None else None
+    def speedup(*names: str) -> float | None:
+        """The fastest of ``names`` (that reached the target) over the best rule."""
+        s = [summary[n]["seconds"]["median"] for n in names if n in summary]
+        reached_s = [v for v in s if v is not None]
+        return min(reached_s) / best_seconds if reached_s else None
 
+    pipelines = [n for n in summary if n.startswith("pipelining_")]
     return {"race_best_method": best.removeprefix("decoupled_"), "race_speedup_vs_backprop": speedup("backprop_1_thread"),
-            "race_speedup_vs_backprop_all_cores": speedup("backprop_all_cores"), "race_speedup_vs_ddp": speedup("ddp")}
+            "race_speedup_vs_backprop_all_cores": speedup("backprop_all_cores"), "race_speedup_vs_ddp": speedup("ddp"),
+            "race_speedup_vs_pipelining": speedup(*pipelines)}
 
 
 def contestants(cfg: Config, log_dir: str) -> dict[str, Callable[[], Curve]]:
@@ -142,7 +151,14 @@ def contestants(cfg: Config, log_dir: str) -> dict[str, Callable[[], Curve]]:
 
     def ddp() -> Curve:
         out = Path(log_dir) / f"ddp-{time.time_ns()}.json"
-        return [(s, t, a) for s, t, a, _ in train_ddp(ddp_config(cfg), workers=k, out=out)["curve"]]
+        return [(s, t, a) for s, t, a, _ in train_ddp(plain_config(cfg), workers=k, out=out)["curve"]]
+
+    def pipelined(micro_batches: int) -> Callable[[], Curve]:
+        def run() -> Curve:
+            out = Path(log_dir) / f"pipeline-{time.time_ns()}.json"
+            result = train_pipelined(plain_config(cfg), micro_batches=micro_batches, out=out)
+            return [(s, t, a) for s, t, a, _ in result["curve"]]
+        return run
 
     def rule(method: str) -> Callable[[], Curve]:
         def run() -> Curve:
@@ -153,7 +169,7 @@ def contestants(cfg: Config, log_dir: str) -> dict[str, Callable[[], Curve]]:
         return run
 
     out: dict[str, Callable[[], Curve]] = {"backprop_1_thread": backprop(1), "backprop_all_cores": backprop(os.cpu_count() or 1),
-                                           "ddp": ddp}
+                                           "ddp": ddp, **{f"pipelining_gpipe_{m}": pipelined(m) for m in MICRO_BATCHES}}
     for method in cfg.bench.methods or [cfg.method]:
         out[f"decoupled_{method}"] = rule(method)
     return out
@@ -174,6 +190,8 @@ LABELS = {"backprop_1_thread": "single-process backprop, 1 thread", "backprop_al
 
 
 def label(name: str) -> str:
+    if name.startswith("pipelining_gpipe_"):
+        return f"torch.distributed.pipelining GPipe, {name.rsplit('_', 1)[1]} micro-batches"
     return LABELS.get(name, f"decoupled ({name.removeprefix('decoupled_')}), Ray")
 
 
@@ -204,8 +222,8 @@ def markdown_lines(race_result: dict[str, Any]) -> list[str]:
 
     return lines + ["", f"Best decoupled rule: **{best}**: {ratio('race_speedup_vs_backprop')} sooner than one-thread "
                         f"backprop, {ratio('race_speedup_vs_backprop_all_cores')} than all-core backprop, "
-                        f"{ratio('race_speedup_vs_ddp')} than DDP (medians over medians). No "
-                        "`torch.distributed.pipelining` contestant yet.", ""]
+                        f"{ratio('race_speedup_vs_ddp')} than DDP, {ratio('race_speedup_vs_pipelining')} than the "
+                        "better `torch.distributed.pipelining` pipeline (ratios of medians).", ""]
 
 
 def plot(path: Path, race_result: dict[str, Any]) -> None:
