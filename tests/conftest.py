@@ -147,3 +147,23 @@ def crash_and_resume(cfg: Config, splits: Callable[[], Splits], *, at: int) -> t
     resumed = Trainer(cfg, interrupted.run_dir, splits=splits())
     resumed.resume()
     return interrupted, resumed
+
+
+def processes_reproduce_trainer(cfg: Config, *, steps: int) -> list[dict[str, Any]]:
+    """Train ``cfg`` (a runtime config) with the single-process trainer and as stage processes, and
+    assert that both log the same ``steps`` losses (give ``threads=1``: the same sums in the same
+    order); returns the processes' results, one per stage."""
+    import copy
+
+    from workers.process_launch import launch_processes
+
+    local = copy.deepcopy(cfg)
+    local.backend = "local"
+    run_dir, _ = train_locally(local)
+    want = losses(run_dir)
+    results = launch_processes(cfg, timeout_s=120)
+    got = [(s, m["train/loss"]) for s, m in results[-1]["metrics"] if "train/loss" in m]
+    assert len(got) == len(want) == steps
+    for (sg, vg), (sw, vw) in zip(got, want):
+        assert sg == sw and vg == pytest.approx(vw, rel=1e-6)
+    return results

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import crash_and_resume, losses, random_splits, runtime_config, tiny_config, train_locally
+from conftest import crash_and_resume, losses, processes_reproduce_trainer, random_splits, runtime_config, tiny_config
 from dni import engine
 from dni.config import ConfigError
 from dni.data.spec import DataSpec
@@ -159,17 +159,7 @@ def test_a_worker_under_local_losses_acknowledges_instead_of_sending_targets() -
 
 
 def test_stage_processes_reproduce_the_reference_trainer_under_local_losses(idx_folder: str, tmp_path: Path) -> None:
-    from workers.process_launch import launch_processes
-
     cfg = runtime_config(idx_folder, method="local", log={"every": 1, "dir": str(tmp_path)},
                          runtime={"max_in_flight": 2}, threads=1)  # one thread: the same sums in the same order
-    local = copy.deepcopy(cfg)
-    local.backend = "local"
-    run_dir, summary = train_locally(local)
-    want = losses(run_dir)
-    results = launch_processes(cfg, timeout_s=120)
-    got = [(s, m["train/loss"]) for s, m in results[-1]["metrics"] if "train/loss" in m]
-    assert len(got) == len(want) == 18  # 2 epochs of 9 batches
-    for (sg, vg), (sw, vw) in zip(got, want):
-        assert sg == sw and vg == pytest.approx(vw, rel=1e-6)
+    results = processes_reproduce_trainer(cfg, steps=18)  # 2 epochs of 9 batches
     assert any("local/loss/stage_0" in m for _, m in results[0]["metrics"]), "the runtime reports the heads' losses"

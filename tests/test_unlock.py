@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import crash_and_resume, losses, random_splits, runtime_config, tiny_config, train_locally
+from conftest import crash_and_resume, losses, processes_reproduce_trainer, random_splits, runtime_config, tiny_config
 from dni import engine
 from dni.config import ConfigError
 from dni.optim import OptimizerSpec
@@ -148,18 +147,8 @@ def test_token_inputs_cannot_be_predicted_by_an_input_model() -> None:
 
 
 def test_stage_processes_reproduce_the_reference_trainer_under_complete_unlock(idx_folder: str, tmp_path: Path) -> None:
-    from workers.process_launch import launch_processes
-
     cfg = runtime_config(idx_folder, synthesizer={"unlock": True, "input_width": 32}, log={"every": 1, "dir": str(tmp_path)},
                          runtime={"max_in_flight": 1}, threads=1)  # one thread: the same sums in the same order
-    local = copy.deepcopy(cfg)
-    local.backend = "local"
-    run_dir, summary = train_locally(local)
-    want = losses(run_dir)
-    results = launch_processes(cfg, timeout_s=120)
-    got = [(s, m["train/loss"]) for s, m in results[-1]["metrics"] if "train/loss" in m]
-    assert len(got) == len(want) == 18  # 2 epochs of 9 batches
-    for (sg, vg), (sw, vw) in zip(got, want):
-        assert sg == sw and vg == pytest.approx(vw, rel=1e-6)
+    results = processes_reproduce_trainer(cfg, steps=18)  # 2 epochs of 9 batches
     input_losses = [m for _, m in results[1]["metrics"] if "unlock/input_loss/stage_1" in m]
     assert input_losses, "the runtime reports its input models' losses"
