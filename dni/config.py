@@ -86,6 +86,14 @@ class ModelConfig:
     """Layer indices where a new stage starts (strictly increasing, in 1..depth).
     ``null`` decouples every layer, as in the paper: depth + 1 stages."""
 
+    @property
+    def num_stages(self) -> int | None:
+        """Stages of a built-in model (``boundaries`` cut its depth + 1 layers); None for a custom
+        model, whose factory decides."""
+        if self.kind == "custom":
+            return None
+        return len(self.boundaries) + 1 if self.boundaries is not None else self.depth + 1
+
     def validate(self) -> None:
         _one_of(self.kind, MODEL_KINDS, "model.kind")
         if self.kind == "custom":
@@ -541,8 +549,8 @@ class Config:
             section.validate()
         if self.synthesizer.unlock:
             self._check_unlock()
-        if self.model.kind != "custom":  # a custom model's stages are counted when its factory runs
-            n = len(self.model.boundaries) + 1 if self.model.boundaries is not None else self.model.depth + 1
+        n = self.model.num_stages
+        if n is not None:  # a custom model's stages are counted when its factory runs
             _check(
                 not self.stages or len(self.stages) == n,
                 "stages",

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dni.losses import LossFn
-from dni.optim import OptimizerSpec
+from dni.optim import OptimizerSpec, set_lr
 
 
 class AuxiliaryHead(nn.Module):
@@ -100,8 +100,7 @@ class LocalHead:
         assert h.grad is not None
         value = loss.item()
         if math.isfinite(value):  # a non-finite loss must not reach the head's weights (the stage raises)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * lr_scale
+            set_lr(self.optimizer, self.lr * lr_scale)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return h.grad.detach(), value

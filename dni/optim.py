@@ -37,3 +37,9 @@ class OptimizerSpec:
             return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(params, lr=lr, momentum=self.momentum, nesterov=self.nesterov,
                                weight_decay=self.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (the schedule's value for the coming step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -23,7 +23,7 @@ from dni.checkpoint import CheckpointError
 from dni.fit import SynthesizerFit
 from dni.local_head import LocalHead
 from dni.losses import LossFn, cross_entropy
-from dni.optim import OptimizerSpec
+from dni.optim import OptimizerSpec, set_lr
 from dni.run import RunError
 from dni.synthesizer import Synthesizer, reinitialise
 from dni.unlock import InputModel
@@ -108,11 +108,6 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup: int = 0) -> fl
     raise ValueError(f"unknown schedule {schedule!r}: use constant, cosine or step")
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 class DecoupledStage:
     """A stage, its output synthesizer, optimisers and random stream.
 
@@ -184,6 +179,12 @@ class DecoupledStage:
         self._output: torch.Tensor | None = None
         self._buffers: list[torch.Tensor] | None = None
 
+    @property
+    def computes_target(self) -> bool:
+        """Whether the backward computes dL/dx, the target for the stage below: a stage above the
+        first whose target is sent (not under local losses)."""
+        return self.index > 0 and self.sends_target
+
     # -- forward ---------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the stage on ``x`` and keep the graph for :meth:`backward`.
@@ -193,7 +194,7 @@ class DecoupledStage:
         # BatchNorm statistics move during the forward; kept until step() so that a fault
         # (see abandon) can put them back instead of keeping a NaN in the running mean.
         self._buffers = [b.detach().clone() for b in self.module.buffers()]
-        self._input = x.detach().requires_grad_(self.index > 0 and self.sends_target)
+        self._input = x.detach().requires_grad_(self.computes_target)
         self._output = self.module(self._input)
         return check_finite(self._output, self, "activation").detach()
 
@@ -247,7 +248,7 @@ class DecoupledStage:
         """Backpropagate dL/d output through the stage; return dL/d input (None for stage 0)."""
         if self._output is None:
             raise RuntimeError(f"stage {self.index}: backward before forward")
-        target = rules.backward_from(self._output, grad, self._input if self.index > 0 and self.sends_target else None)
+        target = rules.backward_from(self._output, grad, self._input if self.computes_target else None)
         self._output = self._input = None  # free the graph
         return check_finite(target, self, "gradient target") if target is not None else None
 
@@ -260,7 +261,7 @@ class DecoupledStage:
         if not self.is_last or self._output is None:
             raise RuntimeError(f"stage {self.index} is not the last stage or has no pending forward")
         loss = check_finite(self.loss_fn(self._output, labels), self, "loss")
-        target = rules.loss_backward(loss, self._input if self.index > 0 and self.sends_target else None)
+        target = rules.loss_backward(loss, self._input if self.computes_target else None)
         self._output = self._input = None
         return loss.item(), check_finite(target, self, "gradient target") if target is not None else None
 
@@ -290,7 +291,7 @@ class DecoupledStage:
         """
         update = rules.should_update(self.update_generator, self.options.p_update)
         if update:
-            _set_lr(self.optimizer, self.lr * self.gate)
+            set_lr(self.optimizer, self.lr * self.gate)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
@@ -326,7 +327,7 @@ class DecoupledStage:
         self.fit.add(value, rules.zero_prediction_loss(h, target, weight=weight))
         self.synth_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _set_lr(self.synth_optimizer, self.options.synth_lr * self.lr_scale)
+        set_lr(self.synth_optimizer, self.options.synth_lr * self.lr_scale)
         self.synth_optimizer.step()
         return value
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni.optim import OptimizerSpec
+from dni.optim import OptimizerSpec, set_lr
 
 
 class InputSynthesizer(nn.Module):
@@ -87,8 +87,7 @@ class InputModel:
         loss = F.mse_loss(self.synthesizer(x), h.detach())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * lr_scale
+        set_lr(self.optimizer, self.lr * lr_scale)
         self.optimizer.step()
         return loss.item()
 

@@ -33,6 +33,7 @@ from dni.data import load_splits
 from dni.data.spec import DataSpec
 from dni.schedule import EpochBatches
 from dni.run import create_run_dir
+from workers.race import markdown_lines, plot, race
 
 
 def environment() -> dict[str, Any]:
@@ -134,8 +135,6 @@ def run_bench(cfg: Config, command: str) -> dict[str, Any]:
         results["locked_pipeline"] = runtime(cfg, "backprop", tmp)
         results["decoupled"] = runtime(cfg, cfg.method, tmp)
         if cfg.bench.race:
-            from workers.race import race
-
             results["race"] = race(cfg, tmp)
     dec = results["decoupled"]["samples_per_second"]
     results["speedup_vs_backprop"] = dec / results["single_process_1_thread"]["samples_per_second"]
@@ -146,8 +145,6 @@ def run_bench(cfg: Config, command: str) -> dict[str, Any]:
     out = Path(cfg.bench.out)
     out.mkdir(parents=True, exist_ok=True)
     if "race" in results:
-        from workers.race import plot
-
         verdict = {k: v for k, v in results["race"].items() if k.startswith("race_")}
         results.update(verdict)
         plot(out / f"{cfg.name}_race.png", results["race"])
@@ -199,6 +196,4 @@ def markdown(r: dict[str, Any], command: str) -> str:
 def _race_lines(r: dict[str, Any]) -> list[str]:
     if "race" not in r:
         return []
-    from workers.race import markdown_lines
-
     return [*markdown_lines(r["race"]), f"Curves: `{r['name']}_race.png`.", ""]

@@ -34,7 +34,7 @@ import torch
 from dni.config import Config
 from dni.run import create_run_dir
 from dni.trainer import Trainer
-from workers.torch_parallel import plain_config, train_ddp, train_pipelined
+from workers.torch_parallel import num_stages, plain_config, train_ddp, train_pipelined
 
 MICRO_BATCHES = (2, 4)
 """The synchronous pipeline's micro-batch counts; the race compares with the better one."""
@@ -134,7 +134,7 @@ def contestants(cfg: Config, log_dir: str) -> dict[str, Callable[[], Curve]]:
     from workers.coordinator import Coordinator
 
     log = dataclasses.replace(cfg.log, dir=log_dir, progress=False)
-    k = len(cfg.model.boundaries) + 1 if cfg.model.boundaries is not None else cfg.model.depth + 1
+    k = num_stages(cfg)
 
     def backprop(threads: int) -> Callable[[], Curve]:
         def run() -> Curve:

@@ -434,10 +434,15 @@ class StageRunner:
         else:
             raise RuntimeError(f"stage {self.i}: unexpected {msg.kind.name} from above")
 
-    def _on_target(self, msg: Message) -> None:
+    def _pop_pending(self, msg: Message, what: str) -> Pending:
+        """The oldest activation in flight, which ``msg`` (a ``what`` from above) must be about."""
         item = self.pending.popleft()
         if item.step != msg.step:
-            raise RuntimeError(f"stage {self.i}: target for step {msg.step} arrived, expected {item.step}")
+            raise RuntimeError(f"stage {self.i}: {what} for step {msg.step} arrived, expected {item.step}")
+        return item
+
+    def _on_target(self, msg: Message) -> None:
+        item = self._pop_pending(msg, "target")
         if self.role.delayed:  # batches run forward since this one: the delay of its update
             staleness = len(self.pending)
         else:
@@ -458,16 +463,12 @@ class StageRunner:
     def _on_ack(self, msg: Message) -> None:
         """Local losses: the stage above has taken step ``msg.step``; nothing to learn from, one batch
         fewer in flight."""
-        item = self.pending.popleft()
-        if item.step != msg.step:
-            raise RuntimeError(f"stage {self.i}: acknowledgement for step {msg.step} arrived, expected {item.step}")
+        self._pop_pending(msg, "acknowledgement")
 
     def _on_skip(self, msg: Message) -> None:
         """The stage above dropped step ``msg.step``: no target (extra=1) and no true gradient will come."""
         if msg.extra and not self.role.locked:
-            item = self.pending.popleft()
-            if item.step != msg.step:
-                raise RuntimeError(f"stage {self.i}: skip for step {msg.step} arrived, expected {item.step}")
+            self._pop_pending(msg, "skip")
         if self.true_rounds.pop(msg.step, None) is not None and not self.is_first:
             self.transport.send(self.topology.rank_for(self.i - 1, msg.step), Tag.UP, Kind.SKIP, msg.step, None)
 

@@ -31,12 +31,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from dni.build import stage_options
 from dni.config import Config
 from dni.data import iterate_batches, load_splits
 from dni.evaluation import EvalSums
 from dni.losses import resolve_loss
 from dni.models import build_stages
-from dni.optim import OptimizerSpec
+from dni.optim import set_lr
 from dni.schedule import EpochBatches, Schedule
 from dni.stage import lr_factor
 from dni.trainer import Budget
@@ -78,13 +79,13 @@ def train_pipelined(cfg: Config, *, micro_batches: int, out: Path) -> dict[str, 
     """
     if cfg.train.batch_size % micro_batches:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible into {micro_batches} micro-batches")
-    return _spawn(cfg, "pipeline", _num_stages(cfg), micro_batches, out)
+    return _spawn(cfg, "pipeline", num_stages(cfg), micro_batches, out)
 
 
-def _num_stages(cfg: Config) -> int:
+def num_stages(cfg: Config) -> int:
     """Stages of the configured model (a custom one's are counted by building it)."""
-    if cfg.model.kind != "custom":
-        return len(cfg.model.boundaries) + 1 if cfg.model.boundaries is not None else cfg.model.depth + 1
+    if cfg.model.num_stages is not None:
+        return cfg.model.num_stages
     splits = load_splits(cfg.data, seed=cfg.seed)
     return len(build_stages(cfg.model, splits.train.input_shape, splits.train.num_classes, seed=cfg.seed))
 
@@ -112,12 +113,6 @@ def _worker(rank: int, workers: int, port: int, cfg_dict: dict[str, Any], kind: 
         dist.destroy_process_group()
 
 
-def _optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    t = cfg.train
-    sgd = t.optimizer == "sgd"
-    return OptimizerSpec(t.optimizer, t.weight_decay, t.momentum if sgd else 0.0, t.nesterov and sgd).build(params, t.lr)
-
-
 def _train(cfg: Config, rank: int, workers: int, kind: str, micro_batches: int) -> dict[str, Any]:
     splits = load_splits(cfg.data, seed=cfg.seed)
     budget = Budget.of(cfg, len(splits.train))
@@ -127,14 +122,13 @@ def _train(cfg: Config, rank: int, workers: int, kind: str, micro_batches: int) 
     loss_fn = resolve_loss(cfg.model.loss)
     step, params, gather = (_ddp_step(model, loss_fn, rank, workers) if kind == "ddp"
                             else _pipeline_step(stages, loss_fn, rank, workers, micro_batches, cfg.train.batch_size))
-    optimizer = _optimizer(cfg, params)
+    optimizer = stage_options(cfg, budget.total_steps).optimizer.build(params, cfg.train.lr)  # a stage's optimiser
     t = cfg.train
     batches = EpochBatches(splits.train, t.batch_size, cfg.seed)
     curve: list[tuple[int, float, float, float]] = []
     train_seconds, started = 0.0, time.perf_counter()
     for g in range(budget.total_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr * lr_factor(t.schedule, g, budget.total_steps, t.warmup)
+        set_lr(optimizer, t.lr * lr_factor(t.schedule, g, budget.total_steps, t.warmup))
         optimizer.zero_grad(set_to_none=True)
         step(*batches(g))
         optimizer.step()
