@@ -51,8 +51,8 @@ def check_context(cfg: Config, data: DataSpec) -> None:
     Raises:
         ConfigError: cDNI on data without labels.
     """
-    if cfg.method == "cdni" and data.labels_per_example == 0:
-        raise ConfigError("method: cdni conditions its synthesizers on the labels, and this data has none; "
+    if cfg.method in ("cdni", "corrected") and data.labels_per_example == 0:
+        raise ConfigError(f"method: {cfg.method} conditions its synthesizers on the labels, and this data has none; "
                           "use method=dni")
 
 
@@ -71,7 +71,7 @@ def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...]
             normalize=cfg.synthesizer.normalize,
             kind=cfg.synthesizer.kind,
             num_classes=data.num_classes,
-            conditioned=cfg.method == "cdni",
+            conditioned=cfg.method in ("cdni", "corrected"),
             context_size=data.context_size,
         )
 
@@ -131,7 +131,8 @@ def decoupled_stage(cfg: Config, module: torch.nn.Module, index: int, *, data: D
     return DecoupledStage(
         index, module.to(device), synth.to(device) if synth is not None else None, is_last=is_last,
         options=stage_options(cfg, total_steps), seed=cfg.seed, loss_fn=resolve_loss(cfg.model.loss),
-        delayed=cfg.method == "delayed" and not is_last, frozen=cfg.method == "nobprop" and not is_last,
+        delayed=cfg.method == "delayed" and not is_last, corrected=cfg.method == "corrected" and not is_last,
+        frozen=cfg.method == "nobprop" and not is_last,
         unlock=build_input_model(cfg, index, input_shape, data, device),
         local_head=None if is_last else build_local_head(cfg, index, output_shape, data, device),
         sends_target=cfg.method != "local",
@@ -195,4 +196,4 @@ def delay(cfg: Config) -> int:
     """How many steps late a delayed stage applies a batch's gradient: with ``runtime.max_in_flight``
     batches in flight a runtime worker gets it back after sending that many; the local backend
     reproduces the same delay (0 for the other methods)."""
-    return cfg.runtime.max_in_flight - 1 if cfg.method == "delayed" else 0
+    return cfg.runtime.max_in_flight - 1 if cfg.method in ("delayed", "corrected") else 0

@@ -20,8 +20,8 @@ from dni.optim import OPTIMIZERS
 from dni.synthesizer import SYNTHESIZER_KINDS
 
 GATES = ("none", "fit")
-METHODS = ("backprop", "dni", "cdni", "delayed", "local", "nobprop")
-RACE_RULES = ("dni", "cdni", "delayed", "local")
+METHODS = ("backprop", "dni", "cdni", "delayed", "corrected", "local", "nobprop")
+RACE_RULES = ("dni", "cdni", "delayed", "corrected", "local")
 """The methods that decouple stages on the runtime: what ``bench.methods`` races."""
 MODEL_KINDS = ("fcn", "cnn", "gpt", "lstm", "custom")
 DATASETS = ("mnist", "cifar10", "idx", "custom", "text", "copy")
@@ -376,9 +376,10 @@ class RuntimeConfig:
 
     max_in_flight: int = 2
     """Batches a stage may have sent downstream whose gradient targets have not come back (backpressure; 1 = lock-step).
-    Under method delayed it sets the delay of every update (max_in_flight - 1 steps), on both backends."""
+    Under methods delayed and corrected it sets the delay of every target (max_in_flight - 1 steps), on both backends."""
     max_staleness: int = 16
-    """Targets older than this many steps are dropped rather than used to train a synthesizer (the drops are logged)."""
+    """Targets older than this many steps are dropped rather than used to train a synthesizer (the drops are logged;
+    dni and cdni: the corrected rule uses every target)."""
     placement_strategy: str = "PACK"
     """Ray placement-group strategy for the stage bundles: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
     cpus_per_stage: float = 1.0
@@ -498,6 +499,8 @@ class Config:
     """backprop, dni (synthesizer sees the activation), cdni (activation and label), or delayed
     (no synthesizer: each stage applies the true gradient of a batch when it comes back,
     runtime.max_in_flight - 1 steps later on both backends, replaying its forward on the kept input),
+    or corrected (cDNI's step at once on the synthetic gradient; when the target comes back, with the same
+    delay, the residual target - synthetic is replayed into the next step, so each batch adds up to its target),
     or local (local losses, DGL: each stage but the last learns from an auxiliary head of its own output,
     see the local section; nothing travels back down),
     or nobprop (the paper's No-Bprop baseline: only the last stage learns, the others stay at their
@@ -531,8 +534,10 @@ class Config:
                f"scales steps taken on synthetic gradients: it needs method dni or cdni (got {self.method})")
         _check(self.synthesizer.bp_lambda == 0 or self.method in ("dni", "cdni"), "synthesizer.bp_lambda",
                f"mixes true and synthetic gradients: it needs method dni or cdni (got {self.method})")
-        _check(self.method != "delayed" or self.train.nonfinite == "stop", "train.nonfinite",
-               "skip and reset are not available with method=delayed yet; use stop")
+        _check(self.method not in ("delayed", "corrected") or self.train.nonfinite == "stop", "train.nonfinite",
+               f"skip and reset are not available with method={self.method} yet; use stop")
+        _check(self.method != "corrected" or self.sync.true_every == 0, "sync.true_every",
+               "method corrected already corrects every batch with its target: set sync.true_every=0")
         _one_of(self.backend, BACKENDS, "backend")
         _check(self.method != "nobprop" or self.backend == "local", "method",
                "nobprop is the paper's No-Bprop baseline (only the last stage learns) and runs on backend: local; "
@@ -606,7 +611,7 @@ class Config:
         """The synthesizer depth in effect: the configured one, else the paper's per method."""
         if self.synthesizer.hidden_layers is not None:
             return self.synthesizer.hidden_layers
-        return 0 if self.method == "cdni" else 2
+        return 0 if self.method in ("cdni", "corrected") else 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dni.build import decoupled_stage, input_shape
+from dni.build import decoupled_stage, delay, input_shape
 from dni.config import Config, ConfigError
 from dni.data.spec import DataSpec
 from dni.losses import LossFn
@@ -52,7 +52,8 @@ def decouple(
         in_shape: the per-example input shape, e.g. (1, 28, 28).
         num_classes: classes of the labels (the cDNI context and the default loss), or the
             number of target features for float targets.
-        method: ``cdni`` (synthesizers see the labels), ``dni`` or ``backprop``.
+        method: a run's ``method``: ``cdni`` (synthesizers see the labels), ``dni``, ``backprop``,
+            ``delayed``, ``corrected`` (these two with ``runtime.max_in_flight - 1`` steps of delay), ``local``.
         config: everything else, as in a YAML run (synthesizer sizes, schedule, p_update, seed);
             default :class:`~dni.config.Config`'s defaults with a constant learning rate (a run's
             cosine schedule needs its length: pass ``total_steps`` and a config that says so).
@@ -82,7 +83,7 @@ def decouple(
                              total_steps=total_steps, device=torch.device(device)) for i, m in enumerate(modules)]
     if callable(loss):
         built[-1].loss_fn = loss
-    return Pipeline(built, bp_lambda=cfg.synthesizer.bp_lambda, correction=cfg.sync.bp_lambda)
+    return Pipeline(built, bp_lambda=cfg.synthesizer.bp_lambda, correction=cfg.sync.bp_lambda, delay=delay(cfg))
 
 
 def _config(cfg: Config, *, method: str, lr: float | None, synthesizer_lr: float | None, optimizer: str | None,

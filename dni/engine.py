@@ -15,6 +15,12 @@ only in how the tensors travel. The order within a step (paper section 3.1):
   5. a locked stage with a synthesizer trains it on the gradient from above at once; an
      unlocked one trains it when the target of h arrives (the caller's part).
 
+A stage that *defers its target* keeps each batch (:class:`Kept`) until the batch's dL/dh comes
+back, then :func:`settle` takes the rule's part and gives the dL/dx for the stage below: the
+delayed rule (its only update, replayed on the kept input) and corrected synthetic gradients
+(the step at once on g^ as above, then the residual target - g^ through a replay, added to the
+next step's gradients, so that a batch's two contributions add up to its target's).
+
 Complete unlock (:mod:`dni.unlock`) splits a stage's step in two: :func:`unlocked_step` on the
 synthetic input, before anything has arrived from below, and :func:`real_forward` once the real
 input has.
@@ -71,7 +77,7 @@ def is_locked(stage: DecoupledStage, bp_lambda: float) -> bool:
 
 def delayed_forward(stage: DecoupledStage, x: torch.Tensor) -> StageStep:
     """The delayed rule's step on a new batch: the output only; the update comes with the batch's
-    gradient (:func:`delayed_update`). The caller keeps ``x`` (and the labels) until then."""
+    gradient (:func:`settle`). The caller keeps the batch (:func:`keep`) until then."""
     return StageStep(stage.forward_only(x), None, None)
 
 
@@ -82,16 +88,58 @@ def frozen_step(stage: DecoupledStage, x: torch.Tensor) -> StageStep:
     return StageStep(h, None, None)
 
 
-def delayed_update(stage: DecoupledStage, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-    """The delayed rule's update: dL/dh of the batch whose input was ``x`` has come back; replay the
-    forward at the current weights, backpropagate it, step.
+@dataclass
+class Kept:
+    """What a stage that defers its target (:attr:`DecoupledStage.defers_target`) keeps of one batch
+    until the batch's dL/dh comes back: its memory cost per batch in flight."""
 
-    Returns:
-        (dL/dx, the true delayed gradient for the stage below or None for stage 0; whether the
-        step was applied, see p_update).
+    x: torch.Tensor
+    """The input, replayed at the stage's weights of that time (features replay)."""
+    labels: torch.Tensor
+    h: torch.Tensor | None = None
+    """Corrected: the output, which the synthesizer is regressed from."""
+    synthetic: torch.Tensor | None = None
+    """Corrected: g^ of the step taken at once."""
+    early_target: torch.Tensor | None = None
+    """Corrected: dL/dx of that step (g^ backpropagated); None for stage 0."""
+
+
+def keep(stage: DecoupledStage, x: torch.Tensor, labels: torch.Tensor, step: StageStep) -> Kept:
+    """What ``stage`` keeps of its ``step`` on input ``x`` until :func:`settle`."""
+    if stage.corrected:
+        return Kept(x, labels, step.h, step.synthetic, step.target)
+    return Kept(x, labels)
+
+
+@dataclass
+class Settled:
+    """What :func:`settle` did with a batch's target."""
+
+    target: torch.Tensor | None
+    """dL/dx for the stage below (None for stage 0)."""
+    updated: bool = False
+    """The delayed rule: whether its step was applied (see p_update)."""
+    synth_loss: float | None = None
+    """Corrected: the synthesizer's regression loss on the target."""
+
+
+def settle(stage: DecoupledStage, kept: Kept, grad: torch.Tensor) -> Settled:
+    """dL/dh of the batch ``kept`` has come back to a stage that defers its target.
+
+    * delayed: replay the forward at the current weights, backpropagate ``grad``, step; the target
+      for the stage below is that replay's dL/dx, the true gradient with the schedule's delay;
+    * corrected: train the synthesizer on ``grad``; backpropagate the residual ``grad - g^`` through
+      a replay and leave its parameter gradients for the next step (one optimiser step per batch,
+      so Adam's statistics see one gradient per step); the target for the stage below is the early
+      dL/dx plus the residual's, so that it too adds up to ``grad`` backpropagated.
     """
-    target = stage.replay_backward(x, grad)
-    return target, stage.step()
+    if not stage.corrected:
+        return Settled(stage.replay_backward(kept.x, grad), stage.step())
+    assert kept.h is not None and kept.synthetic is not None
+    synth_loss = stage.train_synthesizer(kept.h, kept.labels, grad)
+    residual = stage.replay_backward(kept.x, grad - kept.synthetic)
+    down = None if residual is None or kept.early_target is None else kept.early_target + residual
+    return Settled(down, synth_loss=synth_loss)
 
 
 def train_step(stage: DecoupledStage, x: torch.Tensor, labels: torch.Tensor, *,

@@ -15,6 +15,10 @@ distributed worker makes. Stage by stage:
   ``runtime.max_in_flight = delay + 1`` batches in flight. ``delay = 0`` is backprop.
   :meth:`Pipeline.flush` applies the updates still owed (at checkpoints, as the runtime's
   workers drain there).
+* a **corrected** stage (``method: corrected``) steps at once on its synthetic gradient, as
+  cDNI does, and keeps the batch like a delayed one: ``delay`` steps later the target trains
+  its synthesizer and the residual (target - synthetic), replayed, joins its next step's
+  gradients (:func:`dni.engine.settle`). It sends its target down then, not at once.
 * an **input-unlocked** stage (``synthesizer.unlock``, :mod:`dni.unlock`) takes its step on the
   synthetic input that its input model predicts from the raw batch, then fits that model to
   the real input and passes its real output on;
@@ -77,9 +81,9 @@ class Pipeline:
             raise ValueError(f"delay must be >= 0, got {delay}")
         self.stages = stages
         self.bp_lambda, self.correction, self.delay = bp_lambda, correction, delay
-        # Delayed stages: the inputs kept for batches whose gradients are owed, and those gradients
-        # once the stage above has produced them (oldest first).
-        self._kept: list[deque[torch.Tensor]] = [deque() for _ in stages]
+        # Stages that defer their targets: the batches kept until their gradients are settled, and
+        # those gradients once the stage above has produced them (oldest first).
+        self._kept: list[deque[engine.Kept]] = [deque() for _ in stages]
         self._owed: list[deque[torch.Tensor]] = [deque() for _ in stages]
         self._batch = torch.empty(0)  # the raw batch of the step in progress
 
@@ -107,8 +111,8 @@ class Pipeline:
                   true_round: str | None) -> list[StageStep]:
         """Stage ``i`` and every stage above it on this batch; returns their steps, in order."""
         stage = self.stages[i]
-        if stage.delayed:
-            return self._run_delayed(i, x, y, result, rounds, true_round)
+        if stage.defers_target:
+            return self._run_deferred(i, x, y, result, rounds, true_round)
         if stage.frozen:
             step = engine.frozen_step(stage, x)
             return [step, *self._run_from(i + 1, step.h, y, result, rounds, true_round)]
@@ -129,7 +133,7 @@ class Pipeline:
         result.updated[i] = step.updated
         if stage.is_last:
             result.loss = step.loss
-            if i > 0 and self.stages[i - 1].delayed:
+            if i > 0 and self.stages[i - 1].defers_target:
                 assert step.target is not None
                 self._owed[i - 1].append(step.target)
         if step.synth_loss is not None:
@@ -156,33 +160,45 @@ class Pipeline:
             result.scalars["unlock/synthetic_input_loss"] = step.loss
         return dataclasses.replace(step, h=h, loss=loss)
 
-    def _run_delayed(self, i: int, x: torch.Tensor, y: torch.Tensor, result: StepResult,
-                     rounds: dict[int, TrueRound], true_round: str | None) -> list[StageStep]:
-        """A delayed stage: forward, the chain above, then the update owed from ``delay`` steps ago."""
-        step = engine.delayed_forward(self.stages[i], x)
-        self._kept[i].append(x)
+    def _run_deferred(self, i: int, x: torch.Tensor, y: torch.Tensor, result: StepResult,
+                      rounds: dict[int, TrueRound], true_round: str | None) -> list[StageStep]:
+        """A stage that defers its target: its step now (the output only under the delayed rule, the
+        step on g^ under the corrected one), the chain above, then the batch of ``delay`` steps ago
+        settled."""
+        stage = self.stages[i]
+        step = engine.train_step(stage, x, y) if stage.corrected else engine.delayed_forward(stage, x)
+        result.updated[i] = step.updated
+        self._kept[i].append(engine.keep(stage, x, y, step))
         above = self._run_from(i + 1, step.h, y, result, rounds, true_round)
         if len(self._kept[i]) > self.delay:
-            result.updated[i] = self._apply_owed(i)
+            settled = self._settle(i)
+            if stage.delayed:
+                result.updated[i] = settled.updated
+            if settled.synth_loss is not None:
+                result.synth_losses[i] = settled.synth_loss
         return [step, *above]
 
-    def _apply_owed(self, i: int) -> bool:
-        """Stage ``i``'s oldest owed update; its target is owed to the stage below."""
-        target, updated = engine.delayed_update(self.stages[i], self._kept[i].popleft(), self._owed[i].popleft())
-        if i > 0 and self.stages[i - 1].delayed:
-            assert target is not None
-            self._owed[i - 1].append(target)
-        return updated
+    def _settle(self, i: int) -> engine.Settled:
+        """Stage ``i``'s oldest kept batch, settled with its gradient; its target is owed to the stage
+        below."""
+        settled = engine.settle(self.stages[i], self._kept[i].popleft(), self._owed[i].popleft())
+        if i > 0 and self.stages[i - 1].defers_target:
+            assert settled.target is not None
+            self._owed[i - 1].append(settled.target)
+        return settled
 
     def flush(self) -> None:
-        """Apply every update still owed to a delayed stage, top down (a consistent cut)."""
+        """Settle every batch still kept by a stage that defers its target, top down, and apply the
+        corrected rule's residuals (a consistent cut)."""
         for i in range(len(self.stages) - 2, -1, -1):
             while self._kept[i]:
-                self._apply_owed(i)
+                self._settle(i)
+            if self.stages[i].corrected:
+                self.stages[i].apply_residuals()
 
     @property
     def owed(self) -> int:
-        """Updates still owed to delayed stages (0 after :meth:`flush`)."""
+        """Batches still kept by stages that defer their targets (0 after :meth:`flush`)."""
         return sum(len(k) for k in self._kept)
 
     def carried_state(self) -> dict[str, torch.Tensor]:

@@ -123,6 +123,10 @@ class DecoupledStage:
         delayed: the delayed true-gradient rule (``method: delayed``): the stage sends its output
             on at once but updates only when dL/dh of that batch comes back, replaying its
             forward on the kept input with its current weights (features replay).
+        corrected: corrected synthetic gradients (``method: corrected``): the stage steps at once on
+            its synthetic gradient, as under cDNI, and when the batch's target comes back adds the
+            residual (target - synthetic), backpropagated through a replay of its forward, to the
+            gradients of its next step (see :func:`dni.engine.settle`).
         frozen: the paper's No-Bprop baseline (``method: nobprop``): the stage never learns; its
             parameters stay at their initialisation (BatchNorm statistics still move) and no
             gradient is computed for it.
@@ -145,6 +149,7 @@ class DecoupledStage:
         seed: int,
         loss_fn: LossFn = cross_entropy,
         delayed: bool = False,
+        corrected: bool = False,
         frozen: bool = False,
         unlock: InputModel | None = None,
         local_head: LocalHead | None = None,
@@ -154,13 +159,15 @@ class DecoupledStage:
             raise ValueError("the last stage computes the true loss and takes no synthesizer")
         if delayed and (is_last or synthesizer is not None):
             raise ValueError("the delayed rule is for stages below the last, without a synthesizer")
+        if corrected and (is_last or synthesizer is None):
+            raise ValueError("the corrected rule is for stages below the last, with a synthesizer")
         if frozen and (is_last or synthesizer is not None or delayed):
             raise ValueError("a frozen stage is below the last, without a synthesizer, and not delayed")
         if unlock is not None and (index == 0 or delayed or frozen):
             raise ValueError("an input model is for a stage above the first that learns from synthetic gradients")
         if local_head is not None and (is_last or synthesizer is not None or delayed or frozen or unlock is not None):
             raise ValueError("an auxiliary head is for a stage below the last that learns from it alone")
-        self.delayed, self.frozen, self.unlock = delayed, frozen, unlock
+        self.delayed, self.corrected, self.frozen, self.unlock = delayed, corrected, frozen, unlock
         self.local_head, self.sends_target = local_head, sends_target
         self.index = index
         self.module = module
@@ -184,6 +191,12 @@ class DecoupledStage:
         """Whether the backward computes dL/dx, the target for the stage below: a stage above the
         first whose target is sent (not under local losses)."""
         return self.index > 0 and self.sends_target
+
+    @property
+    def defers_target(self) -> bool:
+        """Whether the stage keeps each batch until its target comes back and only then sends dL/dx
+        down (the delayed and corrected rules; see :func:`dni.engine.settle`)."""
+        return self.delayed or self.corrected
 
     # -- forward ---------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,6 +310,16 @@ class DecoupledStage:
         self.steps_done += 1
         self._buffers = None  # the batch is committed
         return update
+
+    def apply_residuals(self) -> None:
+        """The corrected rule at a consistent cut (a checkpoint): apply the residual gradients
+        accumulated since the last step now, at the scheduled learning rate, rather than with the
+        next batch's (which a resumed run would not have). Neither the schedule nor the update
+        stream advances."""
+        if any(p.grad is not None for p in self.module.parameters()):
+            set_lr(self.optimizer, self.lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def lr_scale(self) -> float:

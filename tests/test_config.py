@@ -35,7 +35,7 @@ def test_defaults_yaml_and_overrides_in_order_of_precedence(tmp_path: Path) -> N
         ("train:\n  epoch: 1\n", [], "train.epoch: unknown key; valid keys here are epochs"),
         ("train:\n  epochs: many\n", [], "train.epochs: must be an integer (got 'many')"),
         ("", ["train.lr=-0.1"], "train.lr: must be > 0"),
-        ("", ["method=sgd"], "method: must be one of backprop, dni, cdni, delayed, local, nobprop (got 'sgd')"),
+        ("", ["method=sgd"], "method: must be one of backprop, dni, cdni, delayed, corrected, local, nobprop (got 'sgd')"),
         ("", ["model.boundaries=[3,9]"], "model.boundaries: must be strictly increasing layer indices in 1..3"),
         ("", ["synthesizer.p_update=0"], "synthesizer.p_update: must be in (0, 1]"),
         ("", ["synthesizer.kind=conv"], "synthesizer.kind: must be one of auto, mlp (got 'conv')"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dni.config import ModelConfig
-from dni.models import MODELS, activation_shapes, build_stage, build_stages, partition
+from dni.models import activation_shapes, build_stage, build_stages, partition
 
 
 def test_partition_table() -> None:

@@ -14,8 +14,8 @@ Training actions, in order:
   REAL_FORWARD   complete unlock (Role.unlock): the stage computed on its synthetic input in
                  COMPUTE, before RECEIVE_INPUT; now its input model fits the real input and the
                  stage runs forward on it (:func:`dni.engine.real_forward`)
-  SEND_TARGET    dL/dx to the stage below (a delayed stage sends it when its own target
-                 arrives, replaying the batch: see Role.delayed)
+  SEND_TARGET    dL/dx to the stage below (a stage that defers its target, delayed or
+                 corrected, sends it when its own target arrives: see Role.deferred)
   SEND_TRUE      the last stage, on a true-round step: the same target, marked true
   SEND_ACK       local losses (Role.local): no target goes down, only an acknowledgement that
                  the step was taken (the stage below's backpressure)
@@ -75,9 +75,10 @@ class Role:
     """The stage waits for dL/dh from above (backprop, or BP(lambda) > 0); see :func:`dni.engine.is_locked`."""
     rounds: bool
     """The pipeline has true-gradient rounds (it has synthesizers and more than one stage)."""
-    delayed: bool = False
-    """The delayed rule: the stage updates (and sends its target down) when a target arrives,
-    during AWAIT_TARGETS or DRAIN, not in its own step."""
+    deferred: bool = False
+    """The delayed and corrected rules (:func:`dni.engine.settle`): the stage settles a batch (and
+    sends its target down) when the batch's target arrives, during AWAIT_TARGETS or DRAIN, not in
+    its own step."""
     local: bool = False
     """Local losses (``method: local``): the stage learns from its own auxiliary head (the last from
     the loss) and sends no target down, only SEND_ACK."""
@@ -100,7 +101,7 @@ def train_actions(topology: Topology, schedule: Schedule, role: Role, step: int)
         actions = [*receive, Action(Op.COMPUTE, above if role.locked else None)]
     if below is not None and role.local:
         actions.append(Action(Op.SEND_ACK, below))
-    elif below is not None and not role.delayed:
+    elif below is not None and not role.deferred:
         actions.append(Action(Op.SEND_TARGET, below))
         if last and role.rounds and schedule.is_true_round(step):
             actions.append(Action(Op.SEND_TRUE, below))

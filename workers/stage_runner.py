@@ -69,7 +69,7 @@ class Pending:
     step: int
     h: torch.Tensor
     labels: torch.Tensor
-    x: torch.Tensor | None = None  # the delayed rule: the input, replayed when the target arrives
+    kept: engine.Kept | None = None  # a stage that defers its target: what it settles when the target arrives
 
 
 class Skipped(Exception):
@@ -156,7 +156,7 @@ class StageRunner:
         )
         self.bp_lambda = cfg.synthesizer.bp_lambda
         self.role = Role(stage_index, replica, locked=engine.is_locked(self.stage, self.bp_lambda),
-                         rounds=self.k > 1 and cfg.method in ("dni", "cdni"), delayed=self.stage.delayed,
+                         rounds=self.k > 1 and cfg.method in ("dni", "cdni"), deferred=self.stage.defers_target,
                          local=not self.stage.sends_target, unlock=self.stage.unlock is not None)
         # Labels travel with every downstream message: how many values, of what type and shape.
         self.labels_spec: dict[str, Any] = dict(labels=self.batch * data.labels_per_example,
@@ -293,7 +293,11 @@ class StageRunner:
         elif op is Op.SEND_ACTIVATION:
             assert peer is not None and state.result is not None and state.labels is not None
             self.transport.send(peer, Tag.DOWN, Kind.TRAIN, g, state.result.h, labels=state.labels)
-            self.pending.append(Pending(g, state.result.h, state.labels, state.x if self.role.delayed else None))
+            kept = None
+            if self.role.deferred:
+                assert state.x is not None
+                kept = engine.keep(self.stage, state.x, state.labels, state.result)
+            self.pending.append(Pending(g, state.result.h, state.labels, kept))
             self.window.in_flight_max = max(self.window.in_flight_max, len(self.pending))
             self.window.queued_max = max(self.window.queued_max, self.transport.queued)
         elif op is Op.AWAIT_TARGETS:
@@ -316,7 +320,7 @@ class StageRunner:
             if above is not None:
                 def from_above(h: torch.Tensor) -> torch.Tensor:
                     return self._exchange(g, above, h, y)
-            if self.role.delayed:
+            if self.stage.delayed:
                 step = engine.delayed_forward(self.stage, x)
             else:
                 step = engine.train_step(self.stage, x, y, from_above=from_above, bp_lambda=self.bp_lambda)
@@ -443,16 +447,19 @@ class StageRunner:
 
     def _on_target(self, msg: Message) -> None:
         item = self._pop_pending(msg, "target")
-        if self.role.delayed:  # batches run forward since this one: the delay of its update
+        if self.role.deferred:  # batches run forward since this one: the delay of its settling
             staleness = len(self.pending)
         else:
             staleness = self.stage.steps_done - 1 - self._local_index(item.step)
         self.window.staleness.append(staleness)
-        if self.role.delayed:  # the update itself, and the true (delayed) target for the stage below
-            assert msg.payload is not None and item.x is not None
-            target, _ = engine.delayed_update(self.stage, item.x, msg.payload)
-            if target is not None:
-                self.transport.send(self.topology.rank_for(self.i - 1, item.step), Tag.UP, Kind.TARGET, item.step, target)
+        if self.role.deferred:  # the rule's part (see engine.settle), and the target for the stage below
+            assert msg.payload is not None and item.kept is not None
+            settled = engine.settle(self.stage, item.kept, msg.payload)
+            if settled.synth_loss is not None:
+                self.window.synth_losses.append(settled.synth_loss)
+            if settled.target is not None:
+                self.transport.send(self.topology.rank_for(self.i - 1, item.step), Tag.UP, Kind.TARGET, item.step,
+                                    settled.target)
             return
         if staleness > self.cfg.runtime.max_staleness:
             self.window.dropped += 1
@@ -489,9 +496,12 @@ class StageRunner:
         self._record(g + 1, scalars)
 
     def _drain(self) -> None:
-        """Receive every outstanding target and true gradient."""
+        """Receive every outstanding target and true gradient; a corrected stage then applies its
+        residuals (as :meth:`dni.pipeline.Pipeline.flush` does)."""
         while self.pending or self.true_rounds:
             self._receive_upstream()
+        if self.stage.corrected:
+            self.stage.apply_residuals()
 
     # -- boundaries --------------------------------------------------------------------------------
     def _at_boundary(self, action: Action, g: int) -> None:
