@@ -1,16 +1,17 @@
 """K-stage staleness, simulated in one process: accuracy per step of each rule at K = 2, 4, 8.
 
-    .venv/bin/python scripts/staleness_sim.py configs/bench/heavy.yaml --stages 2,4,8 [overrides] --out DIR
+    .venv/bin/python scripts/staleness_sim.py configs/bench/heavy.yaml --stages 2,4,8 [--rules delayed,corrected,local,cdni] \
+        [overrides] --out DIR
 
 On two cores only K = 2 stages run in parallel, but users run K = 4 to 8 on GPUs. The local
 backend reproduces the delays a runtime worker sees (``method: delayed`` applies each batch's
 gradient ``runtime.max_in_flight - 1`` steps late, exactly as the stage workers do; a test checks
 it), so the effect of K stages on accuracy per step can be measured here without the
 parallelism. For each K the model is cut into K stages of equal depth (``model.boundaries``);
-``delayed`` runs with ``runtime.max_in_flight = K`` (delay K - 1, one batch in flight per
-stage) and ``2K - 1`` (delay 2(K - 1): what keeps every stage of a K-stage pipeline busy when
-gradients travel back one stage per step); ``cdni`` with its synthetic gradients. Backprop is
-the same at every K. Writes ``staleness.json`` and ``staleness.md`` (test accuracy at each
+the rules with a delay (``delayed``, ``corrected``) run with ``runtime.max_in_flight = K`` (delay
+K - 1, one batch in flight per stage) and ``2K - 1`` (delay 2(K - 1): what keeps every stage of
+a K-stage pipeline busy when gradients travel back one stage per step); ``cdni`` and ``local``
+(nothing waits for a gradient from above) once per K. Backprop is the same at every K. Writes ``staleness.json`` and ``staleness.md`` (test accuracy at each
 evaluation) to ``--out``.
 """
 
@@ -28,18 +29,11 @@ import torch
 
 from dni.cli import run_training
 from dni.config import load_config
+from dni.projection import equal_cut
 
-
-def boundaries(layers: int, k: int) -> list[int]:
-    """Where K stages of (nearly) equal numbers of layers start.
-
-    >>> boundaries(9, 2), boundaries(9, 4), boundaries(9, 8)
-    ([4], [2, 4, 7], [1, 2, 3, 4, 6, 7, 8])
-    """
-    if not 1 < k <= layers:
-        raise SystemExit(f"staleness_sim: {k} stages need 2..{layers} layers")
-    cuts = sorted({round(layers * i / k) for i in range(1, k)})
-    return [c for c in cuts if 0 < c < layers]
+RULES = ("delayed", "corrected", "local", "cdni", "dni")
+DELAYED = ("delayed", "corrected")
+"""The rules whose targets come back with the pipeline's delay."""
 
 
 def accuracy_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -60,23 +54,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--stages", default="2,4,8")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cdni", action="store_true", help="also the cdni rule at each K")
+    parser.add_argument("--rules", default="delayed",
+                        help=f"comma-separated, of {', '.join(RULES)} (default delayed)")
     args = parser.parse_args(argv)
+    rules = args.rules.split(",")
+    if not set(rules) <= set(RULES):
+        parser.error(f"--rules: each must be one of {', '.join(RULES)} (got {args.rules})")
     base = load_config(args.config, args.overrides)
     layers = base.model.depth + 1
     rows: dict[str, dict[str, Any]] = {"backprop": run(args.config, [*args.overrides, "method=backprop"])}
     for k in (int(s) for s in args.stages.split(",")):
-        cut = f"model.boundaries={boundaries(layers, k)}"
-        for in_flight in (k, 2 * k - 1):
-            rows[f"delayed K={k} (delay {in_flight - 1})"] = run(
-                args.config, [*args.overrides, cut, "method=delayed", f"runtime.max_in_flight={in_flight}"])
-        if args.cdni:
-            rows[f"cdni K={k}"] = run(args.config, [*args.overrides, cut, "method=cdni"])
+        cut = f"model.boundaries={equal_cut(layers, k)}"
+        for rule in rules:
+            if rule in DELAYED:
+                for in_flight in (k, 2 * k - 1):
+                    rows[f"{rule} K={k} (delay {in_flight - 1})"] = run(
+                        args.config, [*args.overrides, cut, f"method={rule}", f"runtime.max_in_flight={in_flight}"])
+            else:
+                rows[f"{rule} K={k}"] = run(args.config, [*args.overrides, cut, f"method={rule}"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {"python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     command = " ".join(["python scripts/staleness_sim.py", args.config, *args.overrides, "--stages", args.stages,
-                        *(["--cdni"] if args.cdni else [])])
+                        "--rules", args.rules])
     (out / "staleness.json").write_text(json.dumps({"command": command, "environment": env, "rows": rows}, indent=2) + "\n")
     steps = [s for s, _ in rows["backprop"]["curve"]]
     lines = ["| rule | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]

@@ -1,0 +1,107 @@
+"""Projected time to a target accuracy on K devices, per rule (see dni/projection.py for the model).
+
+    .venv/bin/python scripts/k_stage_time.py configs/bench/heavy.yaml results/staleness/heavy/staleness.json \
+        --target 0.96 --hop-ms 1.18 [--stages 2,4,8] [--rules delayed,corrected,local] [overrides] --out DIR
+
+Steps to the target come from ``staleness.json`` (``scripts/staleness_sim.py`` on the same config and
+overrides); per-stage work per batch is measured here for each rule at each K, one thread, stages
+cut into equal depths as the simulation cut them. ``--hop-ms``: one hop of a stage's activation,
+as ``dni bench`` measures it (``hop_latency_ms``). Writes ``projection.json`` and ``projection.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dni.config import load_config
+from dni.data import load_splits
+from dni.data.spec import DataSpec
+from dni.projection import Projection, equal_cut, gpipe_step_seconds, pipeline_step_seconds, stage_work, steps_to
+
+DELAYED = ("delayed", "corrected")
+MICRO_BATCHES = 4
+
+
+def curve(rows: dict[str, Any], name: str) -> list[tuple[int, float]]:
+    if name not in rows:
+        raise SystemExit(f"k_stage_time: the simulation has no row {name!r}; run scripts/staleness_sim.py with "
+                         f"these --stages and --rules first")
+    return [(int(s), float(a)) for s, a in rows[name]["curve"]]
+
+
+def sim_row(rule: str, k: int) -> str:
+    """The simulation row of ``rule`` at K stages with every stage kept busy."""
+    return f"{rule} K={k} (delay {2 * (k - 1)})" if rule in DELAYED else f"{rule} K={k}"
+
+
+def project(config: str, overrides: list[str], rows: dict[str, Any], *, k: int, rules: list[str], target: float,
+            hop: float, data: DataSpec) -> list[Projection]:
+    base = load_config(config, [*overrides, "threads=1"])
+    cut = f"model.boundaries={equal_cut(base.model.depth + 1, k)}"
+
+    def work(method: str) -> list[float]:
+        return stage_work(load_config(config, [*overrides, "threads=1", cut, f"method={method}"]), data)
+
+    backprop = work("backprop")
+    bp_steps = steps_to(curve(rows, "backprop"), target)
+    out = [Projection("backprop, one device", sum(backprop), bp_steps),
+           Projection(f"GPipe, {MICRO_BATCHES} micro-batches", gpipe_step_seconds(backprop, hop, MICRO_BATCHES), bp_steps)]
+    for rule in rules:
+        out.append(Projection(rule, pipeline_step_seconds(work(rule), hop), steps_to(curve(rows, sim_row(rule, k)), target)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("simulation", help="staleness.json of scripts/staleness_sim.py")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--target", type=float, required=True)
+    parser.add_argument("--hop-ms", type=float, required=True)
+    parser.add_argument("--stages", default="2,4,8")
+    parser.add_argument("--rules", default="delayed,corrected,local")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    rows = json.loads(Path(args.simulation).read_text())["rows"]
+    cfg = load_config(args.config, args.overrides)
+    data = DataSpec.of(load_splits(cfg.data, seed=cfg.seed).train)
+    torch.set_num_threads(1)
+    table: dict[int, list[Projection]] = {}
+    for k in (int(s) for s in args.stages.split(",")):
+        table[k] = project(args.config, args.overrides, rows, k=k, rules=args.rules.split(","), target=args.target,
+                           hop=args.hop_ms / 1000, data=data)
+    command = " ".join(["python scripts/k_stage_time.py", args.config, args.simulation, *args.overrides, "--target",
+                        str(args.target), "--hop-ms", str(args.hop_ms), "--stages", args.stages, "--rules", args.rules])
+    lines = [f"Projected time to {100 * args.target:.0f}% test accuracy on K devices, in this machine's per-stage "
+             f"seconds. `{command}`", "",
+             "| K | contestant | step (ms) | steps to target | projected seconds | vs one-device backprop |",
+             "|---|---|---|---|---|---|"]
+    for k, projections in table.items():
+        single = projections[0].seconds
+        for p in projections:
+            steps = str(p.steps) if p.steps is not None else "not reached"
+            secs = f"{p.seconds:.1f}" if p.steps is not None else "-"
+            ratio = f"{single / p.seconds:.2f}x" if p.steps is not None and single != float("inf") else "-"
+            lines.append(f"| {k} | {p.name} | {1000 * p.step_seconds:.1f} | {steps} | {secs} | {ratio} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+           "date": time.strftime("%Y-%m-%d")}
+    record = {"command": command, "environment": env, "target": args.target, "hop_ms": args.hop_ms,
+              "projections": {str(k): [vars(p) | {"seconds": p.seconds if p.steps is not None else None} for p in ps] for k, ps in table.items()}}
+    (out / "projection.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "projection.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
