@@ -166,8 +166,12 @@ class Pipeline:
         step on g^ under the corrected one), the chain above, then the batch of ``delay`` steps ago
         settled."""
         stage = self.stages[i]
+        # A corrected stage has a synthesizer to measure on true rounds (the delayed rule runs none).
+        tr = TrueRound.before_forward(stage, x, kind=true_round, bp_lambda=self.correction) if true_round else None
         step = engine.train_step(stage, x, y) if stage.corrected else engine.delayed_forward(stage, x)
         result.updated[i] = step.updated
+        if tr is not None:
+            rounds[i] = tr.after_step(step, y)
         self._kept[i].append(engine.keep(stage, x, y, step))
         above = self._run_from(i + 1, step.h, y, result, rounds, true_round)
         if len(self._kept[i]) > self.delay:

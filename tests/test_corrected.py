@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import crash_and_resume, losses, processes_reproduce_trainer, random_splits, runtime_config, tiny_config
+from conftest import (crash_and_resume, losses, metric_rows, processes_reproduce_trainer, random_splits, runtime_config,
+                      tiny_config, train_locally)
 from dni import engine, rules
 from dni.config import ConfigError
 from dni.run import create_run_dir
@@ -128,8 +129,17 @@ def test_settings_the_corrected_rule_cannot_honour_are_config_errors(sections: d
 @pytest.mark.parametrize("in_flight", [1, 3])
 def test_stage_processes_reproduce_the_local_corrected_run(idx_folder: str, tmp_path: Path, in_flight: int) -> None:
     cfg = runtime_config(idx_folder, method="corrected", model={"depth": 3},
-                         log={"dir": str(tmp_path), "every": 1, "grad_every": 0}, runtime={"max_in_flight": in_flight},
+                         log={"dir": str(tmp_path), "every": 1, "grad_every": 3}, runtime={"max_in_flight": in_flight},
                          checkpoint={"every": 7}, train={"epochs": 2}, threads=1)
     results = processes_reproduce_trainer(cfg, steps=18)
     stale = [v for _, m in results[0]["metrics"] for k, v in m.items() if k.startswith("stage/staleness_max/")]
     assert stale and max(stale) == in_flight - 1  # the delay the schedule gives
+    # Measuring rounds (log.grad_every) see the same synthetic and true gradients on both backends.
+    local = copy.deepcopy(cfg)
+    local.backend = "local"
+    run_dir, _ = train_locally(local)
+    want = {r["step"]: r["sg/cosine/stage_0"] for r in metric_rows(run_dir) if "sg/cosine/stage_0" in r}
+    got = {s: m["sg/cosine/stage_0"] for s, m in results[0]["metrics"] if "sg/cosine/stage_0" in m}
+    assert len(want) == 6 and sorted(got) == sorted(want)
+    for step, value in want.items():
+        assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-6)
