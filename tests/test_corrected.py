@@ -15,7 +15,7 @@ from dni import engine, rules
 from dni.config import ConfigError
 from dni.run import create_run_dir
 from dni.trainer import Trainer
-from test_pipeline import batch, make
+from test_pipeline import applied_by_stage0, batch, make
 
 
 def grads_of(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
@@ -28,11 +28,8 @@ def test_each_step_applies_its_synthetic_gradient_and_the_residual_of_the_batch_
     # as it is at t, plus, for the batch s = t - 1 - delay settled after step t - 1, (dL/dh_s - g^_s)
     # backpropagated through a replay of batch s at those same weights.
     cpu = torch.device("cpu")
-    p = make(tiny_config(method="corrected", model={"depth": 1, "width": 8}, runtime={"max_in_flight": delay + 1}), cpu)
+    p, applied = applied_by_stage0("corrected", delay + 1)
     stage0, head = p.stages
-    applied: list[list[torch.Tensor]] = []
-    stage0.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: applied.append([q.grad.clone() for q in stage0.module.parameters()]))
     xs = [batch(cpu, seed=i) for i in range(7)]
     target: dict[int, torch.Tensor] = {}
     synthetic: dict[int, torch.Tensor] = {}

@@ -10,7 +10,7 @@ import torch
 
 from conftest import losses, runtime_config, tiny_config, train_locally
 from dni.config import ConfigError
-from test_pipeline import batch, make, params, run_steps
+from test_pipeline import applied_by_stage0, batch, make, params, run_steps
 
 
 def test_delayed_with_no_batch_in_flight_is_backprop_exactly() -> None:
@@ -29,11 +29,8 @@ def test_a_delayed_stage_applies_each_batch_gradient_d_steps_later_at_its_curren
     # Two stages, delay 2: the gradient stage 0 applies at step t is batch t-2's dL/dh (from the head
     # as it was at t-2) backpropagated through stage 0 as it is at t, on batch t-2's input.
     cpu = torch.device("cpu")
-    p = make(tiny_config(method="delayed", model={"depth": 1, "width": 8}, runtime={"max_in_flight": 3}), cpu)
+    p, applied = applied_by_stage0("delayed", 3)
     stage0, head = p.stages
-    applied: list[list[torch.Tensor]] = []
-    stage0.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: applied.append([q.grad.clone() for q in stage0.module.parameters()]))
     xs = [batch(cpu, seed=i) for i in range(5)]
     dh: dict[int, torch.Tensor] = {}
     for t, (x, y) in enumerate(xs):

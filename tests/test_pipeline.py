@@ -51,6 +51,19 @@ def captured_grads(p: Pipeline) -> list[dict[str, torch.Tensor]]:
     return grads
 
 
+def applied_by_stage0(method: str, in_flight: int) -> tuple[Pipeline, list[list[torch.Tensor]]]:
+    """A two-stage pipeline (one 8-wide hidden layer, then the head) under ``method`` with
+    ``runtime.max_in_flight`` = ``in_flight``, and the list that receives stage 0's parameter
+    gradients at each of its optimiser steps."""
+    p = make(tiny_config(method=method, model={"depth": 1, "width": 8}, runtime={"max_in_flight": in_flight}),
+             torch.device("cpu"))
+    applied: list[list[torch.Tensor]] = []
+    stage0 = p.stages[0]
+    stage0.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: applied.append([q.grad.clone() for q in stage0.module.parameters()]))
+    return p, applied
+
+
 CASES = {
     "fcn": (dict(model={"kind": "fcn", "depth": 3, "width": 16}), (1, 4, 4)),
     "cnn": (dict(model={"kind": "cnn", "depth": 2, "channels": 4}), (1, 8, 8)),
