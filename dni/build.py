@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from dni.config import Config, ConfigError
+from dni.config import CONDITIONED_METHODS, DEFERRED_METHODS, SYNTHESIZER_METHODS, Config, ConfigError
 from dni.data.spec import DataSpec
 from dni.losses import resolve_loss
 from dni.models import activation_shapes, build_stages, stage_seed
@@ -51,14 +51,14 @@ def check_context(cfg: Config, data: DataSpec) -> None:
     Raises:
         ConfigError: cDNI on data without labels.
     """
-    if cfg.method in ("cdni", "corrected") and data.labels_per_example == 0:
+    if cfg.method in CONDITIONED_METHODS and data.labels_per_example == 0:
         raise ConfigError(f"method: {cfg.method} conditions its synthesizers on the labels, and this data has none; "
                           "use method=dni")
 
 
 def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...], data: DataSpec) -> Synthesizer | None:
     """The synthesizer of stage ``index``'s output; None for backprop. Seeded per stage."""
-    if cfg.method in ("backprop", "delayed", "local", "nobprop"):
+    if cfg.method not in SYNTHESIZER_METHODS:
         return None
     check_context(cfg, data)
     with torch.random.fork_rng(devices=[]):
@@ -71,7 +71,7 @@ def build_synthesizer(cfg: Config, index: int, activation_shape: tuple[int, ...]
             normalize=cfg.synthesizer.normalize,
             kind=cfg.synthesizer.kind,
             num_classes=data.num_classes,
-            conditioned=cfg.method in ("cdni", "corrected"),
+            conditioned=cfg.method in CONDITIONED_METHODS,
             context_size=data.context_size,
         )
 
@@ -193,7 +193,7 @@ def input_shape(data: DataSpec, shapes: list[tuple[int, ...]], index: int) -> tu
 
 
 def delay(cfg: Config) -> int:
-    """How many steps late a delayed stage applies a batch's gradient: with ``runtime.max_in_flight``
-    batches in flight a runtime worker gets it back after sending that many; the local backend
-    reproduces the same delay (0 for the other methods)."""
-    return cfg.runtime.max_in_flight - 1 if cfg.method in ("delayed", "corrected") else 0
+    """How many steps late a stage that defers its target (delayed, corrected) settles a batch: with
+    ``runtime.max_in_flight`` batches in flight a runtime worker gets it back after sending that many;
+    the local backend reproduces the same delay (0 for the other methods)."""
+    return cfg.runtime.max_in_flight - 1 if cfg.method in DEFERRED_METHODS else 0

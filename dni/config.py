@@ -23,6 +23,13 @@ GATES = ("none", "fit")
 METHODS = ("backprop", "dni", "cdni", "delayed", "corrected", "local", "nobprop")
 RACE_RULES = ("dni", "cdni", "delayed", "corrected", "local")
 """The methods that decouple stages on the runtime: what ``bench.methods`` races."""
+SYNTHESIZER_METHODS = ("dni", "cdni", "corrected")
+"""The methods whose stages below the last own a synthesizer."""
+CONDITIONED_METHODS = ("cdni", "corrected")
+"""The methods whose synthesizers also see the labels (the cDNI context)."""
+DEFERRED_METHODS = ("delayed", "corrected")
+"""The methods whose stages keep each batch until its target returns, ``runtime.max_in_flight - 1``
+steps later (see :func:`dni.engine.settle`)."""
 MODEL_KINDS = ("fcn", "cnn", "gpt", "lstm", "custom")
 DATASETS = ("mnist", "cifar10", "idx", "custom", "text", "copy")
 TEXT_CONTEXT = 64
@@ -534,7 +541,7 @@ class Config:
                f"scales steps taken on synthetic gradients: it needs method dni or cdni (got {self.method})")
         _check(self.synthesizer.bp_lambda == 0 or self.method in ("dni", "cdni"), "synthesizer.bp_lambda",
                f"mixes true and synthetic gradients: it needs method dni or cdni (got {self.method})")
-        _check(self.method not in ("delayed", "corrected") or self.train.nonfinite == "stop", "train.nonfinite",
+        _check(self.method not in DEFERRED_METHODS or self.train.nonfinite == "stop", "train.nonfinite",
                f"skip and reset are not available with method={self.method} yet; use stop")
         _check(self.method != "corrected" or self.sync.true_every == 0, "sync.true_every",
                "method corrected already corrects every batch with its target: set sync.true_every=0")
@@ -611,7 +618,7 @@ class Config:
         """The synthesizer depth in effect: the configured one, else the paper's per method."""
         if self.synthesizer.hidden_layers is not None:
             return self.synthesizer.hidden_layers
-        return 0 if self.method in ("cdni", "corrected") else 2
+        return 0 if self.method in CONDITIONED_METHODS else 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

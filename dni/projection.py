@@ -10,7 +10,8 @@ The model, and what it assumes:
   its activation: the stages overlap, and messages overlap compute except the one a stage waits
   for. The rule's steps are those of its simulation with the delay that keeps every stage busy
   (``2(K - 1)`` for the rules whose targets return through the chain, none for local losses);
-* single-device backprop takes the sum of the stages' work per step, and its simulated steps;
+* single-device backprop takes the work of the whole model run as one stage, and its simulated
+  steps;
 * a synchronous GPipe pipeline of M micro-batches takes ``(M + K - 1) / M`` of the slowest
   stage's backprop work, plus ``2(K - 1)`` hops of a micro-batch's activation, and backprop's
   steps (it computes the same gradients);

@@ -5,8 +5,9 @@
 
 Steps to the target come from ``staleness.json`` (``scripts/staleness_sim.py`` on the same config and
 overrides); per-stage work per batch is measured here for each rule at each K, one thread, stages
-cut into equal depths as the simulation cut them (single-device backprop: the whole model as one stage). ``--hop-ms``: one hop of a stage's activation,
-as ``dni bench`` measures it (``hop_latency_ms``). Writes ``projection.json`` and ``projection.md``.
+cut into equal depths as the simulation cut them (single-device backprop: the whole model as one
+stage). ``--hop-ms``: one hop of a stage's activation, as ``dni bench`` measures it
+(``hop_latency_ms``). Writes ``projection.json`` and ``projection.md``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from typing import Any
 
 import torch
 
-from dni.config import load_config
+from dni.config import DEFERRED_METHODS, load_config
 from dni.data import load_splits
 from dni.data.spec import DataSpec
 from dni.projection import Projection, equal_cut, gpipe_step_seconds, pipeline_step_seconds, stage_work, steps_to
 
-DELAYED = ("delayed", "corrected")
 MICRO_BATCHES = 4
 
 
@@ -40,7 +40,7 @@ def curve(rows: dict[str, Any], name: str) -> list[tuple[int, float]]:
 
 def sim_row(rule: str, k: int) -> str:
     """The simulation row of ``rule`` at K stages with every stage kept busy."""
-    return f"{rule} K={k} (delay {2 * (k - 1)})" if rule in DELAYED else f"{rule} K={k}"
+    return f"{rule} K={k} (delay {2 * (k - 1)})" if rule in DEFERRED_METHODS else f"{rule} K={k}"
 
 
 def project(config: str, overrides: list[str], rows: dict[str, Any], *, k: int, rules: list[str], targets: list[float],

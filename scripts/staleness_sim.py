@@ -11,8 +11,8 @@ parallelism. For each K the model is cut into K stages of equal depth (``model.b
 the rules with a delay (``delayed``, ``corrected``) run with ``runtime.max_in_flight = K`` (delay
 K - 1, one batch in flight per stage) and ``2K - 1`` (delay 2(K - 1): what keeps every stage of
 a K-stage pipeline busy when gradients travel back one stage per step); ``cdni`` and ``local``
-(nothing waits for a gradient from above) once per K. Backprop is the same at every K. Writes ``staleness.json`` and ``staleness.md`` (test accuracy at each
-evaluation) to ``--out``.
+(nothing waits for a gradient from above) once per K. Backprop is the same at every K. Writes
+``staleness.json`` and ``staleness.md`` (test accuracy at each evaluation) to ``--out``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ from typing import Any
 import torch
 
 from dni.cli import run_training
-from dni.config import load_config
+from dni.config import DEFERRED_METHODS, load_config
 from dni.projection import equal_cut
 
 RULES = ("delayed", "corrected", "local", "cdni", "dni")
-DELAYED = ("delayed", "corrected")
-"""The rules whose targets come back with the pipeline's delay."""
 
 
 def accuracy_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in (int(s) for s in args.stages.split(",")):
         cut = f"model.boundaries={equal_cut(layers, k)}"
         for rule in rules:
-            if rule in DELAYED:
+            if rule in DEFERRED_METHODS:
                 for in_flight in (k, 2 * k - 1):
                     rows[f"{rule} K={k} (delay {in_flight - 1})"] = run(
                         args.config, [*args.overrides, cut, f"method={rule}", f"runtime.max_in_flight={in_flight}"])

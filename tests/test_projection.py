@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from conftest import tiny_config
 from dni.data.spec import DataSpec

@@ -45,7 +45,7 @@ import torch
 
 from dni import engine
 from dni.build import decoupled_stage
-from dni.config import Config
+from dni.config import SYNTHESIZER_METHODS, Config
 from dni.data import ArrayDataset, padded_batches
 from dni.data.spec import DataSpec
 from dni.engine import StageStep
@@ -156,7 +156,7 @@ class StageRunner:
         )
         self.bp_lambda = cfg.synthesizer.bp_lambda
         self.role = Role(stage_index, replica, locked=engine.is_locked(self.stage, self.bp_lambda),
-                         rounds=self.k > 1 and cfg.method in ("dni", "cdni", "corrected"), deferred=self.stage.defers_target,
+                         rounds=self.k > 1 and cfg.method in SYNTHESIZER_METHODS, deferred=self.stage.defers_target,
                          local=not self.stage.sends_target, unlock=self.stage.unlock is not None)
         # Labels travel with every downstream message: how many values, of what type and shape.
         self.labels_spec: dict[str, Any] = dict(labels=self.batch * data.labels_per_example,
