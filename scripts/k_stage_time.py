@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", default="delayed,corrected,local")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    rows = json.loads(Path(args.simulation).read_text())["rows"]
+    simulation = json.loads(Path(args.simulation).read_text())
+    if args.config not in simulation["command"].split():
+        raise SystemExit(f"k_stage_time: {args.simulation} simulated another config ({simulation['command']}); "
+                         f"give the staleness.json of scripts/staleness_sim.py {args.config}")
+    rows = simulation["rows"]
     cfg = load_config(args.config, args.overrides)
     data = DataSpec.of(load_splits(cfg.data, seed=cfg.seed).train)
     torch.set_num_threads(1)
